@@ -1,0 +1,112 @@
+"""Generate text with a converted checkpoint.
+
+    python generate/base.py --checkpoint_dir checkpoints/stories260K --prompt "Once upon a time"
+
+The text (prompt + continuation) goes to stdout; load time, tokens/s and peak memory to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_llama.checkpoint import TOKENIZER_NAME, load_model
+from lit_llama.cli import run
+from lit_llama.generation import decode_one_token, generate
+from lit_llama.tokenizer import Tokenizer
+
+PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--accelerator cuda was asked for but no CUDA device is available; use --accelerator cpu")
+    return torch.device(accelerator)
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    prompt: str = "Once upon a time",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    precision: Literal["32-true", "bf16-true", "16-true"] = "32-true",
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+    compile: bool = False,
+    seed: int = 1234,
+    tokenizer_path: Path | None = None,
+) -> list[str]:
+    """Generate text from a prompt.
+
+    Args:
+        checkpoint_dir: A checkpoint directory (lit_config.json, lit_model.*, tokenizer.model).
+        prompt: The text to continue.
+        max_new_tokens: How many tokens to generate at most (generation also stops at EOS).
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only among the k most likely tokens (None: all).
+        top_p: Nucleus sampling: the smallest set of tokens whose probability reaches p (None: off).
+        num_samples: How many independent samples to draw, generated as one batch.
+        precision: Weight and compute dtype: 32-true (fp32), bf16-true or 16-true (fp16, GPU only).
+        accelerator: Where to run: auto picks cuda when available, else cpu.
+        compile: torch.compile the one-token decode step (pays off for long generations).
+        seed: Random seed for sampling.
+        tokenizer_path: The SentencePiece model; default: tokenizer.model in checkpoint_dir.
+    """
+    if num_samples < 1:
+        raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    device = resolve_device(accelerator)
+    if precision == "16-true" and device.type == "cpu":
+        raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir / TOKENIZER_NAME)
+
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device)
+    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
+            "pass the tokenizer this checkpoint was trained with"
+        )
+
+    encoded = tokenizer.encode(prompt, bos=True, device=device)
+    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if compile else decode_one_token
+    prompts = [encoded] * num_samples
+    t0 = time.perf_counter()
+    outputs = generate(
+        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_fn=decode_fn,
+    )
+    elapsed = time.perf_counter() - t0
+    texts = [tokenizer.decode(out) for out in outputs]
+    for text in texts:
+        print(text)
+    n_new = sum(len(out) - len(encoded) for out in outputs)
+    print(
+        f"Generated {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
+        f"peak memory {peak_memory_mib(device):.0f} MiB",
+        file=sys.stderr,
+    )
+    return texts
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,248 @@
+"""Checkpoint directories: how weights and configs are written and read.
+
+A checkpoint is a self-describing directory:
+    lit_config.json                           the LLaMAConfig
+    lit_model.safetensors | lit_model.pth     the weights (tied models store wte only, not lm_head)
+    tokenizer.model                           the SentencePiece model, when one was given
+
+Reading is always safe (safetensors, or torch.load with weights_only=True) and memory-mapped, into
+a model built on the meta device, so a model is never held twice in memory. Every write goes to a
+temporary file in the same directory, is fsynced and then renamed, so a crash never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lit_llama.model import LLaMA, LLaMAConfig
+
+CONFIG_NAME = "lit_config.json"
+WEIGHT_NAMES = ("lit_model.safetensors", "lit_model.pth")
+TOKENIZER_NAME = "tokenizer.model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as given; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`.
+    On any error (Ctrl-C included) the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_copy(src: Path | str, dst: Path | str) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def save_config(config: LLaMAConfig, checkpoint_dir: Path | str) -> None:
+    atomic_write_text(Path(checkpoint_dir) / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to `path` (.safetensors or .pth) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            write_safetensors_streaming(((k, lambda t=t: t) for k, t in state_dict.items()), _specs(state_dict), tmp, metadata)
+        else:
+            torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp)
+
+
+def model_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
+    """The model's tensors as stored in a checkpoint: a tied head is stored once, as wte."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(
+    model: LLaMA,
+    checkpoint_dir: Path | str,
+    tokenizer_path: Path | str | None = None,
+    weights_name: str = "lit_model.safetensors",
+) -> Path:
+    """Write a complete checkpoint directory for `model`; returns the weights path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = checkpoint_dir / weights_name
+    save_weights(model_state_dict(model), weights_path)
+    save_config(model.config, checkpoint_dir)
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (checkpoint_dir / TOKENIZER_NAME).resolve():
+        atomic_copy(tokenizer_path, checkpoint_dir / TOKENIZER_NAME)
+    return weights_path
+
+
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _specs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {k: (v.dtype, tuple(v.shape)) for k, v in state_dict.items()}
+
+
+def write_safetensors_streaming(
+    tensors: Iterator[tuple[str, Callable[[], torch.Tensor]]],
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    path: Path | str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a .safetensors file one tensor at a time.
+
+    `specs` gives every tensor's dtype and shape up front, so the header (which holds all offsets)
+    can be written first; then each tensor is produced by its callable, written and dropped. Peak
+    memory is one tensor, which is what lets the converters stream checkpoints larger than RAM.
+    The layout is the safetensors format: u64 header length, JSON header, raw little-endian data.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format asks for 8-byte alignment
+    written = set()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, make in tensors:
+            dtype, shape = specs[name]
+            t = make()
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"tensor {name}: got {t.dtype} {tuple(t.shape)}, promised {dtype} {shape}")
+            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            written.add(name)
+            del t
+    if written != set(specs):
+        raise ValueError(f"tensors promised but not written: {sorted(set(specs) - written)}")
+
+
+# ----------------------------------------------------------------------------------------- reading
+def find_weights(checkpoint_dir: Path | str) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {str(checkpoint_dir)!r} does not exist; pass the folder a convert_*.py script wrote"
+        )
+    for name in WEIGHT_NAMES:
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise CheckpointError(
+        f"no {' or '.join(WEIGHT_NAMES)} in {str(checkpoint_dir)!r}; convert a checkpoint into it first "
+        "(see howto/convert_checkpoints.md)"
+    )
+
+
+def load_config(checkpoint_dir: Path | str) -> LLaMAConfig:
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {str(checkpoint_dir)!r}; is this a directory written by lit_llama?")
+    try:
+        return LLaMAConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid LLaMA config ({e})") from None
+
+
+def load_weights(path: Path | str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read tensors safely and lazily: safetensors, or torch.load(mmap=True, weights_only=True)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device=str(device))
+        return torch.load(path, map_location=device, mmap=True, weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with code in it, not a checkpoint at all
+        raise CheckpointError(f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], allowed_missing: set[str] = frozenset()) -> None:
+    """Strict key check: missing (beyond `allowed_missing`) or unexpected keys are an error naming them."""
+    expected = set(model.state_dict())
+    if getattr(model, "config", None) is not None and model.config.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(state_dict) - set(allowed_missing))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            )
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
+            )
+
+
+def load_into(model: LLaMA, state_dict: dict[str, torch.Tensor], allowed_missing: set[str] = frozenset(),
+              dtype: torch.dtype | None = None) -> None:
+    """Load `state_dict` into `model` (typically built on the meta device) by assignment, strictly."""
+    check_keys(model, state_dict, allowed_missing)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.tie_weights()  # assignment replaced wte's Parameter; point the head at the new one
+
+
+def load_model(
+    checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    model_fn: Callable[[LLaMAConfig], LLaMA] = LLaMA, allowed_missing: set[str] = frozenset(),
+) -> LLaMA:
+    """Build the model of `checkpoint_dir` on the meta device and assign its weights (no extra copy).
+
+    `model_fn` builds a variant (e.g. a LoRA model), whose extra keys are then `allowed_missing`
+    and are initialised by the caller.
+    """
+    config = load_config(checkpoint_dir)
+    weights = find_weights(checkpoint_dir)
+    device = torch.device(device or "cpu")
+    state_dict = load_weights(weights, device="cpu" if device.type == "meta" else device)
+    with torch.device("meta"):
+        model = model_fn(config)
+    load_into(model, state_dict, allowed_missing, dtype)
+    return model.eval()

@@ -1,0 +1,32 @@
+"""Running a script's `main` as a command line tool.
+
+`run(main)` exposes `main`'s typed arguments as flags through jsonargparse (its docstring gives the
+`--help` text) and turns the errors a user can fix (a wrong path, a bad value, a checkpoint that
+does not fit) into one line on stderr and exit status 2, without a traceback. Set
+LIT_LLAMA_DEBUG=1 to get the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from jsonargparse import CLI
+
+# Errors that describe a user's input. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run(main: Callable[..., Any], args: list[str] | None = None) -> Any:
+    try:
+        return CLI(main, args=args, as_positional=False)
+    except USER_ERRORS as e:
+        if os.environ.get("LIT_LLAMA_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; files being written were discarded, finished files are complete", file=sys.stderr)
+        sys.exit(130)

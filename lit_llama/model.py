@@ -1,0 +1,382 @@
+"""The whole LLaMA model in one file.
+
+Read it top to bottom: the config and its named presets, then the modules in the order data flows
+through them: `LLaMA` -> `Block` -> `CausalSelfAttention` (with its `KVCache`) -> `MLP` -> `RMSNorm`
+-> RoPE.
+
+Shapes use one notation throughout:
+    B  batch size                 T  tokens in this forward call
+    S  KV-cache length            C  n_embd
+    nh query heads                ng key/value heads (n_query_groups; GQA when ng < nh)
+    hs head size (C // nh)        V  padded vocabulary size
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class LLaMAConfig:
+    block_size: int = 2048
+    """Longest sequence the model is built for (RoPE cache length, default KV-cache length)."""
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding and the head. Default: vocab_size rounded up to a multiple of 64,
+    because matmuls with such sizes are faster; converters set it to the checkpoint's row count."""
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_query_groups: int | None = None
+    """Key/value heads. n_head = multi-head, 1 = multi-query, in between = grouped-query attention."""
+    intermediate_size: int | None = None
+    """SwiGLU hidden size. Default: LLaMA's rule from multiple_of and ffn_dim_multiplier."""
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tie_embeddings: bool = False
+    """lm_head shares its weight with the token embedding (llama2.c models, TinyStories)."""
+    source: str = field(default="", compare=False)
+    """Where the numbers come from (documentation only)."""
+
+    def __post_init__(self) -> None:
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, 64)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.intermediate_size is None:
+            # LLaMA's rule (Meta's FeedForward): 2/3 of 4*C keeps the parameter count of a
+            # 4*C GELU MLP with three matrices instead of two, then round up to `multiple_of`.
+            hidden = int(2 * 4 * self.n_embd / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.intermediate_size = find_multiple(hidden, self.multiple_of)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})"
+            )
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> LLaMAConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LLaMAConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+_META = "Meta params.json of the original release"
+PRESETS: dict[str, dict[str, Any]] = {
+    # LLaMA 1 (Touvron et al. 2023, Table 2); multiple_of 256 gives 11008/13824/17920/22016.
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6, source=_META),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6, source=_META),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6, source=_META),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6, source=_META),
+    # Llama 2 (meta-llama/Llama-2-*-hf config.json): 4096 context, 70B uses 8 KV heads.
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, source="meta-llama/Llama-2-7b-hf config.json"),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, source="meta-llama/Llama-2-13b-hf config.json"),
+    "Llama-2-70b": dict(
+        block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672,
+        source="meta-llama/Llama-2-70b-hf config.json",
+    ),
+    # OpenLLaMA (openlm-research/open_llama_*  config.json).
+    "open_llama_3b": dict(
+        n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6,
+        source="openlm-research/open_llama_3b config.json",
+    ),
+    "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6, source="openlm-research/open_llama_7b config.json"),
+    "open_llama_13b": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6, source="openlm-research/open_llama_13b config.json"),
+    # TinyLlama (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json).
+    "TinyLlama-1.1B": dict(
+        n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632,
+        source="TinyLlama/TinyLlama-1.1B config.json",
+    ),
+    # Karpathy's llama2.c TinyStories models (README model table; multiple_of=32, tied head).
+    "stories260K": dict(
+        block_size=512, vocab_size=512, n_layer=5, n_head=8, n_embd=64, n_query_groups=4,
+        intermediate_size=172, tie_embeddings=True, source="llama2.c doc/stories260K.md",
+    ),
+    "stories15M": dict(
+        block_size=256, n_layer=6, n_head=6, n_embd=288, multiple_of=32, tie_embeddings=True,
+        source="llama2.c README (dim 288, 6 layers, 6 heads)",
+    ),
+    "stories42M": dict(
+        block_size=1024, n_layer=8, n_head=8, n_embd=512, multiple_of=32, tie_embeddings=True,
+        source="llama2.c README (dim 512, 8 layers, 8 heads)",
+    ),
+    "stories110M": dict(
+        block_size=1024, n_layer=12, n_head=12, n_embd=768, multiple_of=32, tie_embeddings=True,
+        source="llama2.c README (dim 768, 12 layers, 12 heads)",
+    ),
+    # Tiny presets for tests and the quickstart: small enough to train on a laptop CPU.
+    "tiny": dict(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=32, multiple_of=16, source="tests"),
+    "tiny-gqa": dict(
+        block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=32, n_query_groups=2, multiple_of=16,
+        source="tests",
+    ),
+    "tiny-tied": dict(
+        block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=32, n_query_groups=1, multiple_of=16,
+        tie_embeddings=True, source="tests",
+    ),
+}
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        if config.tie_embeddings:
+            self.tie_weights()
+        # RoPE tables are kept in fp32 outside the state dict: a buffer would be cast to bf16 by
+        # `model.to(torch.bfloat16)` and lose precision at large positions.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        """Make lm_head use the token embedding's Parameter (one tensor, one gradient)."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self._rope
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: int | None = None, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Preallocate a key/value cache in every block for `batch_size` sequences of up to
+        `max_seq_length` tokens (default: block_size). Replaces any previous cache."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(
+                f"max_seq_length {max_seq_length} exceeds the model's block_size {self.config.block_size}"
+            )
+        weight = self.lm_head.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(
+                batch_size, max_seq_length, self.config.n_query_groups, self.config.head_size,
+                device=device or weight.device, dtype=dtype or weight.dtype,
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def forward(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, key_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T).
+
+        Without `input_pos` this is a plain causal forward over positions 0..T-1 (training).
+        With `input_pos` (T,) the tokens sit at those positions and attend through the KV cache
+        (set it with `set_kv_cache`). `key_valid` (B, S), optional, marks which cache slots hold real
+        tokens, so that left-padded prompts of different lengths can share one batch.
+        """
+        B, T = idx.shape
+        cos, sin = self.rope_cache(idx.device)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            cos, sin = cos[:T], sin[:T]  # (T, hs/2)
+            mask = None
+        else:
+            kv_cache = self.transformer.h[0].attn.kv_cache
+            if kv_cache is None:
+                raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(...) first")
+            if kv_cache.k.shape[0] != B:
+                raise ValueError(f"batch of {B} does not match the KV cache's batch size {kv_cache.k.shape[0]}")
+            cos, sin = cos[input_pos], sin[input_pos]  # (T, hs/2)
+            mask = build_cache_mask(input_pos, kv_cache.k.shape[2], key_valid)  # (B or 1, 1, T, S)
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos, mask)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)  # (B, T, V)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> LLaMA:
+        """Build the model described by `checkpoint_dir/lit_config.json` and load its weights.
+        See `lit_llama.checkpoint.load_model`."""
+        from lit_llama.checkpoint import load_model
+
+        return load_model(checkpoint_dir, dtype=dtype, device=device)
+
+
+def build_cache_mask(input_pos: torch.Tensor, cache_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Boolean attention mask (True = attend) for queries at `input_pos` over `cache_len` slots."""
+    if input_pos.max() >= cache_len:
+        raise ValueError(
+            f"position {int(input_pos.max())} does not fit the KV cache of {cache_len} tokens; "
+            "use a shorter prompt, fewer new tokens or a larger max_seq_length"
+        )
+    slots = torch.arange(cache_len, device=input_pos.device)
+    causal = slots[None, :] <= input_pos[:, None]  # (T, S)
+    if key_valid is None:
+        return causal[None, None]  # (1, 1, T, S)
+    # A padding query sees itself, so its attention row is never empty (an empty row gives NaN,
+    # which would leak into later layers through the padding slot's keys and values).
+    own_slot = slots[None, :] == input_pos[:, None]  # (T, S)
+    return causal[None, None] & (key_valid[:, None, None, :] | own_slot)  # (B, 1, T, S)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.rms_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.rms_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.rms_1(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.rms_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_query_groups = config.n_query_groups
+        self.head_size = config.head_size
+        # One fused projection whose output is laid out [Q (nh*hs) | K (ng*hs) | V (ng*hs)].
+        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
+        q, k, v = self.c_attn(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        v = v.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, S, hs)
+        # Query head h reads key/value head h // (nh // ng), as in Meta's and HF's repeat_kv.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=ng != nh
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values; `update` writes the new positions in place and returns the
+    whole cache. Static shapes, so a compiled decode step is reused for every token."""
+
+    def __init__(self, batch_size, max_seq_length, n_query_groups, head_size, device=None, dtype=None) -> None:
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)  # (B, ng, S, hs)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class MLP(nn.Module):
+    """SwiGLU: c_proj(silu(c_fc1(x)) * c_fc2(x)); Meta's w1, w3, w2."""
+
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 whatever the input dtype (as Meta and HF)."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def build_rope_cache(
+    seq_len: int, head_size: int, base: float = 10000.0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, hs/2), fp32: angle[p, j] = p * base^(-2j/hs)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of each head by angle[p, j] (Meta's convention).
+
+    HF checkpoints store q/k rows permuted to rotate (x[j], x[j + hs/2]) instead; the converters
+    undo that permutation so this single convention serves every format.
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hs/2, 2)
+    x0, x1 = pairs.unbind(-1)  # each (B, nh, T, hs/2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, nh, T, hs/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs)
+
+
+def init_weights(model: LLaMA, std: float = 0.02) -> None:
+    """GPT-2 style init for training from scratch: normal(0, std) for linears and embeddings, with
+    the residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream does not grow with depth."""
+    for name, p in model.named_parameters():
+        if name.endswith("rms_1.weight") or name.endswith("rms_2.weight") or name.endswith("ln_f.weight"):
+            nn.init.ones_(p)
+        elif name.endswith("c_proj.weight"):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.config.n_layer))
+        else:
+            nn.init.normal_(p, 0.0, std)

@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lit_llama",
+    version="0.1.0",
+    description="A small, hackable LLaMA implementation: pretrain, LoRA-finetune and generate",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lit_llama", "lit_llama.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",  # a lower bound, never a pin: scaled_dot_product_attention(enable_gqa=...)
+        "lightning>=2.2",
+        "sentencepiece>=0.1.99",
+        "jsonargparse[signatures]>=4.27",
+        "safetensors>=0.4",  # checkpoints that cannot execute code when loaded
+        "tqdm>=4.60",  # progress bars (already a dependency of lightning)
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4"],
+        "all": ["huggingface_hub>=0.20", "matplotlib>=3.6"],
+    },
+)
