@@ -172,6 +172,10 @@ def find_weights(checkpoint_dir: Path | str) -> Path:
 
 
 def load_config(checkpoint_dir: Path | str) -> LLaMAConfig:
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {str(checkpoint_dir)!r} does not exist; pass the folder a convert_*.py script wrote"
+        )
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {str(checkpoint_dir)!r}; is this a directory written by lit_llama?")

@@ -1,0 +1,84 @@
+"""Full finetuning: every weight trains; the result is a complete checkpoint directory.
+
+    python finetune/full.py --data_dir data/alpaca --checkpoint_dir checkpoints/stories260K --out_dir out/full/alpaca
+
+Needs optimizer state for every parameter (about 4x the model's size in fp32 with AdamW), so it
+suits small models; use finetune/lora.py for large ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lit_llama.checkpoint import TOKENIZER_NAME, load_model, save_checkpoint
+from lit_llama.cli import run
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import (
+    TrainConfig,
+    fit,
+    instruction_dataloaders,
+    instruction_sampler,
+    setup_fabric,
+    write_hparams,
+)
+
+
+def main(
+    data_dir: Path = Path("data/alpaca"),
+    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    out_dir: Path = Path("out/full/alpaca"),
+    precision: Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "32-true",
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+    devices: int = 1,
+    seed: int = 1337,
+    train: TrainConfig = TrainConfig(learning_rate=3e-5, batch_size=64, epochs=3),
+    sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason.",
+) -> dict[str, Any]:
+    """Finetune all weights of a model on a prepared instruction dataset.
+
+    Args:
+        data_dir: Folder with train/test splits written by scripts/prepare_*.py.
+        checkpoint_dir: The model to finetune: a checkpoint directory with lit_config.json, weights and tokenizer.model.
+        out_dir: Where checkpoint directories, metrics.csv and hparams.json are written.
+        precision: 32-true (fp32), bf16-mixed (fp32 weights, bf16 autocast), bf16-true (bf16 weights), or 16-mixed (GPU).
+        accelerator: cpu, cuda, or auto (cuda when available).
+        devices: Number of devices (data parallel).
+        seed: Random seed for shuffling.
+        train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
+        sample_instruction: The instruction answered after each validation to show progress.
+    """
+    train.validate(devices)
+    hparams = {**locals(), "train": asdict(train)}
+    fabric = setup_fabric(accelerator, devices, precision, seed)
+    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+    train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
+    prompt_style = data_meta.get("prompt_style", "alpaca")
+
+    # Mixed precision keeps fp32 master weights; only bf16-true stores them in bf16.
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    model = load_model(checkpoint_dir, dtype=dtype, device=fabric.device)
+    model.train()
+    fabric.print(f"Trainable parameters: {sum(p.numel() for p in model.parameters()):,}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_hparams(out_dir, hparams)
+
+    def save(stem: Path) -> None:
+        if fabric.global_rank == 0:
+            save_checkpoint(model.module if hasattr(model, "module") else model, stem, tokenizer_path=checkpoint_dir / TOKENIZER_NAME)
+            fabric.print(f"Saved checkpoint to {stem}/")
+        fabric.barrier()
+
+    sample = instruction_sampler(tokenizer, prompt_style, sample_instruction)
+    return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="final")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,311 @@
+"""The one training loop, shared by finetune/lora.py, finetune/full.py and pretrain/.
+
+Scripts differ in what they build (a LoRA model, a full model, a model from scratch), which
+parameters they hand to the optimizer, and what `save` writes. Everything else lives here: the
+learning-rate schedule, gradient accumulation, clipping, validation, logging and checkpoint cadence.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training script (flags --train.NAME).
+
+    Args:
+        learning_rate: Peak learning rate (AdamW), reached after warmup.
+        min_lr: Learning rate at the end of the cosine decay.
+        batch_size: Samples per optimizer step over all devices; a multiple of micro_batch_size x devices.
+        micro_batch_size: Samples per forward/backward pass; gradients accumulate up to batch_size.
+        epochs: Passes over the training set (ignored when max_iters is given).
+        max_iters: Optimizer steps to run; overrides epochs when given.
+        warmup_steps: Optimizer steps of linear learning-rate warmup.
+        weight_decay: AdamW weight decay.
+        grad_clip: Clip the gradient norm to this value (None: no clipping).
+        eval_interval: Optimizer steps between validations.
+        eval_iters: Validation micro-batches per validation.
+        save_interval: Optimizer steps between checkpoint saves.
+        log_interval: Optimizer steps between metric log lines.
+    """
+
+    learning_rate: float = 3e-4
+    min_lr: float = 0.0
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    epochs: int = 3
+    max_iters: int | None = None
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 100
+    save_interval: int = 100
+    log_interval: int = 1
+
+    def validate(self, devices: int = 1) -> None:
+        for name in ("batch_size", "micro_batch_size", "epochs", "eval_interval", "eval_iters", "save_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.max_iters is not None and self.max_iters <= 0:
+            raise ValueError(f"--max_iters must be a positive number of optimizer steps, got {self.max_iters}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+        per_step = self.micro_batch_size * devices
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"--batch_size {self.batch_size} must be a multiple of micro_batch_size x devices = {per_step}; "
+                f"try --batch_size {max(per_step, self.batch_size // per_step * per_step)}"
+            )
+
+    def accumulation_steps(self, devices: int = 1) -> int:
+        return self.batch_size // (self.micro_batch_size * devices)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay from learning_rate to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored.
+
+    logits (B, T, V), labels (B, T). The loss is computed in fp32 whatever the logits' dtype.
+    """
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+@torch.no_grad()
+def validate(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoader, max_iters: int) -> float:
+    model.eval()
+    losses = []
+    for i, batch in enumerate(loader):
+        if i >= max_iters:
+            break
+        losses.append(next_token_loss(model(batch["input_ids"]), batch["labels"]))
+    model.train()
+    loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+    return fabric.all_reduce(loss, reduce_op="mean").item()
+
+
+class MetricsLog:
+    """Append-only CSV of training metrics, flushed every row so a crash keeps what was logged."""
+
+    FIELDS = ("step", "epoch", "samples", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s")
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+            self.writer.writeheader()
+
+    def log(self, **row: Any) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+def write_hparams(out_dir: Path, hparams: dict[str, Any]) -> None:
+    from lit_llama.checkpoint import atomic_write_text
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    atomic_write_text(out_dir / "hparams.json", json.dumps({k: plain(v) for k, v in hparams.items()}, indent=2) + "\n")
+
+
+def fit(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    cfg: TrainConfig,
+    out_dir: Path,
+    save: Callable[[Path], None],
+    sample: Callable[[torch.nn.Module], str] | None = None,
+    checkpoint_name: str = "checkpoint",
+) -> dict[str, Any]:
+    """Train until `max_iters` optimizer steps or `epochs` epochs; returns the final metrics.
+
+    `save(path_stem)` writes whatever the script keeps (an adapter, a checkpoint directory); it is
+    called every `save_interval` steps with `out_dir/iter-XXXXXX-<checkpoint_name>` and at the end
+    with `out_dir/<checkpoint_name>`. `sample(model)` returns a text generated after each validation.
+    """
+    accum = cfg.accumulation_steps(fabric.world_size)
+    if len(train_loader) < accum:
+        raise ValueError(
+            f"the training set gives {len(train_loader)} micro-batches per epoch, fewer than the {accum} that one "
+            f"optimizer step of --batch_size {cfg.batch_size} needs; lower --batch_size or add data"
+        )
+    steps_per_epoch = len(train_loader) // accum
+    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+    metrics = MetricsLog(out_dir / "metrics.csv", enabled=fabric.global_rank == 0)
+    fabric.print(
+        f"Training {total_steps} optimizer steps: {len(train_loader.dataset)} samples, {steps_per_epoch} steps per epoch, "
+        f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {accum} accumulation x {fabric.world_size} device(s)"
+    )
+
+    step = epoch = 0
+    tokens = samples = 0
+    running_loss: list[float] = []
+    last_val = float("nan")
+    t_start = t_log = time.perf_counter()
+    tokens_since_log = 0
+    progress = tqdm(total=total_steps, desc="train", unit="step", disable=fabric.global_rank != 0, file=sys.stderr)
+    model.train()
+    while step < total_steps:
+        epoch += 1
+        for micro_step, batch in enumerate(train_loader):
+            if micro_step >= steps_per_epoch * accum:  # drop the partial accumulation at epoch end
+                break
+            is_accumulating = (micro_step + 1) % accum != 0
+            with fabric.no_backward_sync(model, enabled=is_accumulating):
+                loss = next_token_loss(model(batch["input_ids"]), batch["labels"])
+                fabric.backward(loss / accum)
+            running_loss.append(loss.detach())
+            n_tokens = batch["input_ids"].numel() * fabric.world_size
+            tokens += n_tokens
+            tokens_since_log += n_tokens
+            samples += batch["input_ids"].size(0) * fabric.world_size
+            if is_accumulating:
+                continue
+
+            lr = lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.grad_clip is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+
+            if step % cfg.log_interval == 0 or step == total_steps:
+                train_loss = torch.stack(running_loss).mean().item()
+                running_loss.clear()
+                now = time.perf_counter()
+                tps = tokens_since_log / max(now - t_log, 1e-9)
+                t_log, tokens_since_log = now, 0
+                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                metrics.log(step=step, epoch=epoch, samples=samples, tokens=tokens, train_loss=train_loss, lr=lr,
+                            tokens_per_sec=tps, elapsed_s=now - t_start)
+            if val_loader is not None and (step % cfg.eval_interval == 0 or step == total_steps):
+                last_val = validate(fabric, model, val_loader, cfg.eval_iters)
+                metrics.log(step=step, epoch=epoch, val_loss=last_val, elapsed_s=time.perf_counter() - t_start)
+                progress.write(f"step {step}: val loss {last_val:.4f}", file=sys.stderr)
+                if sample is not None and fabric.global_rank == 0:
+                    progress.write(f"sample: {sample(model)!r}", file=sys.stderr)
+            if step % cfg.save_interval == 0 and step < total_steps:
+                save(out_dir / f"iter-{step:06d}-{checkpoint_name}")
+            if step >= total_steps:
+                break
+    progress.close()
+    save(out_dir / checkpoint_name)
+    elapsed = time.perf_counter() - t_start
+    metrics.close()
+    result = dict(steps=step, epochs=epoch, tokens=tokens, samples=samples, val_loss=last_val, elapsed_s=elapsed,
+                  tokens_per_sec=tokens / max(elapsed, 1e-9), history=metrics.rows)
+    fabric.print(
+        f"Done: {step} steps, {tokens} trained tokens in {elapsed:.1f} s ({result['tokens_per_sec']:.0f} tokens/s), "
+        f"final val loss {last_val:.4f}"
+    )
+    return result
+
+
+# ----------------------------------------------------------------- pieces the finetune scripts share
+def setup_fabric(
+    accelerator: str = "auto", devices: int = 1, precision: str = "32-true", seed: int = 1337, strategy: str = "auto"
+) -> L.Fabric:
+    """Fabric(devices, precision) -> launch -> seed_everything. Precision the device lacks is a clear error."""
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise ValueError("--precision 16-mixed needs a GPU; on CPU use 32-true, bf16-true or bf16-mixed")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--accelerator cuda was asked for but no CUDA device is available; use --accelerator cpu")
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, precision=precision, strategy=strategy)
+    fabric.launch()
+    fabric.seed_everything(seed)
+    return fabric
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype the frozen base weights are loaded in for a Fabric precision setting."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def instruction_dataloaders(
+    fabric: L.Fabric, data_dir: Path, micro_batch_size: int, pad_id: int, seed: int
+) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
+    """Epoch-based loaders over the prepared train/test splits (each sample once per epoch, reshuffled)."""
+    from functools import partial
+
+    from lit_llama.data import collate, load_splits
+
+    train_set, val_set = load_splits(data_dir)
+    collate_fn = partial(collate, pad_id=pad_id)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
+    val_loader = DataLoader(val_set, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn)
+    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    return train_loader, val_loader, dict(train_set.metadata)
+
+
+def instruction_sampler(
+    tokenizer, prompt_style: str, instruction: str, max_new_tokens: int = 64
+) -> Callable[[torch.nn.Module], str]:
+    """A function that greedily answers `instruction` with the model in training, for eyeballing progress."""
+    from lit_llama.generation import generate
+    from lit_llama.prompts import get_prompt_style
+
+    style = get_prompt_style(prompt_style)
+    prompt = style.format(instruction)
+
+    def sample(model: torch.nn.Module) -> str:
+        inner = getattr(model, "module", model)
+        device = next(inner.parameters()).device
+        ids = tokenizer.encode(prompt, bos=True, device=device)
+        budget = min(max_new_tokens, inner.config.block_size - len(ids))
+        if budget <= 0:
+            return ""
+        inner.eval()
+        out = generate(inner, [ids], budget, temperature=0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
+        inner.clear_kv_cache()
+        inner.train()
+        return tokenizer.decode(out[len(ids):])
+
+    return sample
