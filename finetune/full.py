@@ -8,7 +8,6 @@ suits small models; use finetune/lora.py for large ones.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +50,8 @@ def main(
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
         sample_instruction: The instruction answered after each validation to show progress.
     """
+    hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
-    hparams = {**locals(), "train": asdict(train)}
     fabric = setup_fabric(accelerator, devices, precision, seed)
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)

@@ -46,6 +46,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file normal permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -140,10 +143,14 @@ def write_safetensors_streaming(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format asks for 8-byte alignment
     written = set()
+    order = iter(specs)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, make in tensors:
+            expected = next(order, None)
+            if name != expected:  # the header's offsets follow `specs`, so the data must too
+                raise ValueError(f"tensor {name} written out of order; {expected} comes next in specs")
             dtype, shape = specs[name]
             t = make()
             if t.dtype != dtype or tuple(t.shape) != shape:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -51,9 +52,13 @@ class Tokenizer:
         if destination.suffix != ".model":
             destination = destination / "tokenizer.model"
         destination.parent.mkdir(parents=True, exist_ok=True)
+        if not Path(input_file).is_file():
+            raise FileNotFoundError(f"text file {str(input_file)!r} does not exist; pass the corpus to train the tokenizer on")
+        # Train under a temporary prefix and rename, so a crash never leaves a half-written model.
+        prefix = destination.with_name(f".{destination.stem}.training")
         SentencePieceTrainer.train(
             input=str(input_file),
-            model_prefix=str(destination.with_suffix("")),
+            model_prefix=str(prefix),
             vocab_size=vocab_size,
             model_type="bpe",
             byte_fallback=True,
@@ -66,5 +71,6 @@ class Tokenizer:
             minloglevel=2,
             train_extremely_large_corpus=False,
         )
-        destination.with_suffix(".vocab").unlink(missing_ok=True)
+        Path(f"{prefix}.vocab").unlink(missing_ok=True)
+        os.replace(f"{prefix}.model", destination)
         return destination

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,11 +89,15 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored.
 
-    logits (B, T, V), labels (B, T). The loss is computed in fp32 whatever the logits' dtype.
+    logits (B, T, V), labels (B, T). Computed in fp32 whatever the logits' dtype. A batch with no
+    target at all (every response cut off by max_seq_length) gives 0, not the NaN of 0/0, which
+    would poison the weights through the backward pass.
     """
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100, reduction="sum"
     )
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -138,6 +142,8 @@ def write_hparams(out_dir: Path, hparams: dict[str, Any]) -> None:
     from lit_llama.checkpoint import atomic_write_text
 
     def plain(v: Any) -> Any:
+        if is_dataclass(v):
+            return {k: plain(x) for k, x in asdict(v).items()}
         return str(v) if isinstance(v, Path) else v
 
     atomic_write_text(out_dir / "hparams.json", json.dumps({k: plain(v) for k, v in hparams.items()}, indent=2) + "\n")
@@ -181,6 +187,10 @@ def fit(
     last_val = float("nan")
     t_start = t_log = time.perf_counter()
     tokens_since_log = 0
+    if val_loader is not None:
+        last_val = validate(fabric, model, val_loader, cfg.eval_iters)
+        metrics.log(step=0, epoch=0, val_loss=last_val, elapsed_s=0.0)
+        fabric.print(f"step 0: val loss {last_val:.4f}")
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=fabric.global_rank != 0, file=sys.stderr)
     model.train()
     while step < total_steps:

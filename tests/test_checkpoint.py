@@ -52,6 +52,13 @@ def test_streaming_writer_rejects_a_tensor_that_breaks_its_promise(tmp_path):
         write_safetensors_streaming(iter([("a", lambda: torch.zeros(3))]), specs, tmp_path / "x.safetensors")
 
 
+def test_streaming_writer_rejects_tensors_out_of_header_order(tmp_path):
+    specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (2,))}
+    tensors = iter([("b", lambda: torch.zeros(2)), ("a", lambda: torch.ones(2))])
+    with pytest.raises(ValueError, match="out of order"):
+        write_safetensors_streaming(tensors, specs, tmp_path / "x.safetensors")
+
+
 def test_atomic_path_leaves_nothing_behind_on_error_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "weights.pth"
     target.write_text("old")

@@ -1,0 +1,94 @@
+"""Convert a lit_llama checkpoint directory into a Hugging Face LlamaForCausalLM folder.
+
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir out/finetune/merged --output_dir out/hf
+
+The output (config.json, model.safetensors, tokenizer.model) loads with
+`transformers.AutoModelForCausalLM.from_pretrained(output_dir)`. A tied model stores only
+model.embed_tokens.weight, with tie_word_embeddings=true, as transformers itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.checkpoint import (
+    TOKENIZER_NAME,
+    atomic_copy,
+    atomic_path,
+    atomic_write_text,
+    find_weights,
+    load_config,
+    write_safetensors_streaming,
+)
+from lit_llama.cli import run
+from lit_llama.convert_hf import config_to_hf, hf_shapes, lit_shapes, lit_to_hf_tensors
+
+
+def lazy_reader(weights_path: Path):
+    """A name -> tensor function that reads one tensor at a time (safetensors) or maps the file (pth)."""
+    if weights_path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        f = safe_open(str(weights_path), framework="pt", device="cpu")
+        names = set(f.keys())
+        return names, f.get_tensor
+    state_dict = torch.load(weights_path, map_location="cpu", mmap=True, weights_only=True)
+    return set(state_dict), state_dict.__getitem__
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    output_dir: Path = Path("out/hf/stories260K"),
+) -> Path:
+    """Convert a lit_llama checkpoint to a Hugging Face LlamaForCausalLM folder.
+
+    Args:
+        checkpoint_dir: A lit_llama checkpoint directory (lit_config.json, lit_model.*, tokenizer.model).
+        output_dir: Where to write config.json, model.safetensors and tokenizer.model.
+    """
+    config = load_config(checkpoint_dir)  # both raise a one-line CheckpointError (a ValueError)
+    weights_path = find_weights(checkpoint_dir)
+    names, get = lazy_reader(weights_path)
+    expected = set(lit_shapes(config))
+    missing = sorted(expected - names)
+    # A tied model saved with its head too is fine: the head is the embedding.
+    extra = sorted(names - expected - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise ValueError(
+            f"{weights_path} does not match lit_config.json ({what}); merge a LoRA checkpoint into "
+            "its base model before converting"
+        )
+    dtype = get("transformer.wte.weight").dtype
+    shapes = hf_shapes(config)
+    specs = {name: (dtype, shape) for name, shape in shapes.items()}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tensors = tqdm(lit_to_hf_tensors(get, config), total=len(shapes), desc="Converting", unit="tensor")
+    with atomic_path(output_dir / "model.safetensors") as tmp:
+        # transformers refuses safetensors files without format=pt in their metadata.
+        write_safetensors_streaming(
+            ((name, lambda t=t: t.to(dtype)) for name, t in tensors), specs, tmp, metadata={"format": "pt"}
+        )
+    hf_config = config_to_hf(config, torch_dtype=str(dtype).removeprefix("torch."))
+    atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    if (checkpoint_dir / TOKENIZER_NAME).is_file():
+        atomic_copy(checkpoint_dir / TOKENIZER_NAME, output_dir / TOKENIZER_NAME)
+    n_params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(
+        f"Wrote {output_dir / 'model.safetensors'} ({n_params / 1e6:.2f} M parameters) in {time.perf_counter() - t0:.2f} s; "
+        f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(output_dir)!r})",
+        file=sys.stderr,
+    )
+    return output_dir / "model.safetensors"
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,64 @@
+"""Merge a LoRA adapter into its base model and write a standalone checkpoint directory.
+
+    python scripts/merge_lora.py --checkpoint_dir checkpoints/open_llama_7b \
+        --lora_path out/lora/alpaca/lit_model.lora.safetensors --output_dir checkpoints/open_llama_7b-alpaca
+
+The result loads with generate/base.py and converts with scripts/convert_lit_checkpoint.py like any
+other checkpoint. The base is memory-mapped and merged in fp32 one layer at a time, then cast back
+to the base's dtype, so peak memory stays near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_into, model_state_dict, save_checkpoint
+from lit_llama.cli import run
+from lit_llama.lora import apply_adapter, is_lora_key, load_adapter, load_lora_model, merge_lora_weights
+from lit_llama.model import LLaMA
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/open_llama_7b"),
+    lora_path: Path = Path("out/lora/alpaca/lit_model.lora.safetensors"),
+    output_dir: Path = Path("checkpoints/open_llama_7b-lora-merged"),
+    dtype: Literal["keep", "float32", "bfloat16", "float16"] = "keep",
+) -> Path:
+    """Merge LoRA weights into the base weights.
+
+    Args:
+        checkpoint_dir: The base model's checkpoint directory.
+        lora_path: The adapter file written by finetune/lora.py.
+        output_dir: Where to write the merged checkpoint directory.
+        dtype: dtype of the merged weights; keep = the base checkpoint's dtype.
+    """
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError("--output_dir must differ from --checkpoint_dir; the base checkpoint is never overwritten")
+    load_config(checkpoint_dir)  # a clear error for a wrong directory before anything heavy
+    _, meta = load_adapter(lora_path)
+    t0 = time.perf_counter()
+    model = load_lora_model(checkpoint_dir, meta.lora)
+    apply_adapter(model, lora_path)
+    base_dtype = model.lm_head.weight.dtype
+    merge_lora_weights(model)  # W += scaling * B A, computed in fp32, cast back to W's dtype
+    # A plain LLaMA takes the merged tensors by assignment: no LoRA layers, no second copy.
+    with torch.device("meta"):
+        merged = LLaMA(model.config)
+    out_dtype = base_dtype if dtype == "keep" else DTYPES[dtype]
+    load_into(merged, {k: v for k, v in model_state_dict(model).items() if not is_lora_key(k)}, dtype=out_dtype)
+    tokenizer = checkpoint_dir / TOKENIZER_NAME
+    weights = save_checkpoint(merged, output_dir, tokenizer_path=tokenizer if tokenizer.is_file() else None)
+    print(f"Merged {lora_path} (r={meta.lora.r}, targets {meta.lora.targets}) into {weights} "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return output_dir
+
+
+if __name__ == "__main__":
+    run(main)

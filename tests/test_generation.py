@@ -1,0 +1,171 @@
+"""lit_llama.generation against transformers' greedy `generate`, on the same random weights mapped
+through our converter; sampling filters against hand computations; generate/base.py end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_llama.generation import generate, logits_to_probs
+from lit_llama.model import LLaMA
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAX_NEW = 40
+
+BASE = dict(
+    vocab_size=256, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, rms_norm_eps=1e-5,
+)
+
+
+def random_hf_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    """A tiny HF Llama whose logits are spread out (std ~1.7), so greedy decoding has no near-ties
+    and does not fall into a two-token loop as with HF's std-0.02 init."""
+    config = transformers.LlamaConfig(**{**BASE, **overrides}, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(0.0, 0.3)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model.eval()
+
+
+def convert(hf_model, out: Path, tokenizer: Path | None = None) -> Path:
+    hf_model.save_pretrained(out / "hf")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / "hf" / "tokenizer.model")
+    spec = importlib.util.spec_from_file_location("convert_hf_checkpoint", REPO / "scripts" / "convert_hf_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(checkpoint_dir=out / "hf", output_dir=out / "lit")
+    return out / "lit"
+
+
+def hf_greedy(hf_model, prompt: torch.Tensor, max_new_tokens: int = MAX_NEW) -> torch.Tensor:
+    """HF's greedy continuation of one 1-D prompt (new tokens only)."""
+    ids = prompt[None]
+    out = hf_model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0
+    )
+    assert out.shape[1] == len(prompt) + max_new_tokens  # no early stop on EOS
+    return out[0, len(prompt):]
+
+
+def prompts(*lengths: int, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, BASE["vocab_size"], (n,), generator=g) for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def pair(request, tmp_path_factory):
+    """(HF model, our model converted from it)."""
+    hf = random_hf_llama(num_key_value_heads=4 if request.param == "mha" else 2)
+    return hf, LLaMA.from_checkpoint(convert(hf, tmp_path_factory.mktemp(request.param)))
+
+
+def test_greedy_matches_hf_generate(pair):
+    hf, model = pair
+    for prompt in prompts(5, 11):
+        expected = hf_greedy(hf, prompt)
+        out = generate(model, [prompt], MAX_NEW, temperature=0)[0]
+        assert torch.equal(out[: len(prompt)], prompt)
+        assert out[len(prompt):].tolist() == expected.tolist()
+
+
+def test_batch_of_different_lengths_matches_each_prompt_alone(pair):
+    hf, model = pair
+    batch = prompts(3, 12, 7, seed=4)
+    outs = generate(model, batch, MAX_NEW, temperature=0, pad_id=0)
+    for prompt, out in zip(batch, outs):
+        assert out[len(prompt):].tolist() == hf_greedy(hf, prompt).tolist()
+
+
+def test_eos_stops_only_its_row(pair):
+    hf, model = pair
+    batch = prompts(4, 9, seed=5)
+    expected = [hf_greedy(hf, p, 12).tolist() for p in batch]
+    # EOS := the 4th token of row 0's greedy continuation, chosen so that it has not appeared before.
+    stop = next(i for i in range(3, 12) if expected[0][i] not in expected[0][:i])
+    eos_id = expected[0][stop]
+    outs = generate(model, batch, 12, temperature=0, eos_id=eos_id)
+    for prompt, out, exp in zip(batch, outs, expected):
+        cut = exp.index(eos_id) if eos_id in exp else len(exp)
+        assert out[len(prompt):].tolist() == exp[:cut]  # stops before EOS, others run on
+    assert len(outs[0]) == len(batch[0]) + stop
+
+
+def test_top_k_1_sampling_equals_greedy(pair):
+    hf, model = pair
+    prompt = prompts(6, seed=6)[0]
+    out = generate(model, [prompt], 20, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0))[0]
+    assert out[len(prompt):].tolist() == hf_greedy(hf, prompt, 20).tolist()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.3, 0.15, 0.5]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+    # p=0.75: 0.5 < 0.75, 0.5+0.3 = 0.8 >= 0.75 -> keep {0.5, 0.3}, renormalised by 0.8.
+    torch.testing.assert_close(logits_to_probs(logits, top_p=0.75), torch.tensor([[0.0, 0.375, 0.0, 0.625]]), atol=1e-6, rtol=0)
+    # p=0.9: 0.8 < 0.9, 0.95 >= 0.9 -> keep three, renormalised by 0.95.
+    torch.testing.assert_close(
+        logits_to_probs(logits, top_p=0.9), torch.tensor([[0.0, 0.3 / 0.95, 0.15 / 0.95, 0.5 / 0.95]]), atol=1e-6, rtol=0
+    )
+    # p=0.4: the top token alone already reaches it.
+    torch.testing.assert_close(logits_to_probs(logits, top_p=0.4), torch.tensor([[0.0, 0.0, 0.0, 1.0]]), atol=1e-6, rtol=0)
+    # Temperature is applied before the filter: at T=0.5 the probabilities become p^2 / 0.365 =
+    # [.0068, .2466, .0616, .6849]; top two .9315 >= 0.9 -> keep those two: [0, .09/.34, 0, .25/.34].
+    torch.testing.assert_close(
+        logits_to_probs(logits, temperature=0.5, top_p=0.9), torch.tensor([[0.0, 0.09 / 0.34, 0.0, 0.25 / 0.34]]),
+        atol=1e-6, rtol=0,
+    )
+
+
+def run_generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "generate/base.py", "--accelerator", "cpu", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def tok512_checkpoint(tmp_path_factory) -> Path:
+    tokenizer = DATA / "tok512.model"
+    if not tokenizer.is_file():
+        pytest.skip(f"{tokenizer} is absent")
+    hf = random_hf_llama(vocab_size=512, num_key_value_heads=2)
+    return convert(hf, tmp_path_factory.mktemp("tok512"), tokenizer=tokenizer)
+
+
+def test_generate_script_prints_text_and_tokens_per_second(tok512_checkpoint):
+    assert (tok512_checkpoint / "tokenizer.model").is_file()  # copied by the converter
+    proc = run_generate("--checkpoint_dir", str(tok512_checkpoint), "--prompt", "Once upon a time", "--max_new_tokens", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Once upon a time")
+    assert "tokens/s" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+
+
+def test_generate_script_missing_checkpoint_dir_is_one_error_line(tmp_path):
+    assert_one_line_error(run_generate("--checkpoint_dir", str(tmp_path / "nope")))
+
+
+def test_generate_script_prompt_longer_than_context_is_one_error_line(tok512_checkpoint):
+    proc = run_generate("--checkpoint_dir", str(tok512_checkpoint), "--prompt", "Once upon a time " * 40)
+    assert_one_line_error(proc)
+    assert "context" in proc.stderr
