@@ -155,7 +155,7 @@ def write_safetensors_streaming(
             t = make()
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"tensor {name}: got {t.dtype} {tuple(t.shape)}, promised {dtype} {shape}")
-            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().data if t.numel() else b"")  # no extra copy
             written.add(name)
             del t
     if written != set(specs):
