@@ -3,7 +3,9 @@
     python finetune/full.py --data_dir data/alpaca --checkpoint_dir checkpoints/stories260K --out_dir out/full/alpaca
 
 Needs optimizer state for every parameter (about 4x the model's size in fp32 with AdamW), so it
-suits small models; use finetune/lora.py for large ones.
+suits small models; use finetune/lora.py for large ones. An interrupted run continues with
+`--resume auto` (same flags); its training states in out_dir/train_state hold the weights and the
+optimizer state, about 3x the model's size each (--train.keep_last of them are kept).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any, Literal
 
 import torch
 
-from lit_llama.checkpoint import TOKENIZER_NAME, load_model, save_checkpoint
+from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_model, save_checkpoint
 from lit_llama.cli import run
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
     TrainConfig,
+    check_out_dir,
     fit,
     instruction_dataloaders,
     instruction_sampler,
@@ -36,6 +39,7 @@ def main(
     seed: int = 1337,
     train: TrainConfig = TrainConfig(learning_rate=3e-5, batch_size=64, epochs=3),
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason.",
+    resume: Literal["auto"] | Path | None = None,
 ) -> dict[str, Any]:
     """Finetune all weights of a model on a prepared instruction dataset.
 
@@ -49,9 +53,12 @@ def main(
         seed: Random seed for shuffling.
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
         sample_instruction: The instruction answered after each validation to show progress.
+        resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
+    load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
+    check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed)
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
@@ -76,7 +83,8 @@ def main(
         fabric.barrier()
 
     sample = instruction_sampler(tokenizer, prompt_style, sample_instruction)
-    return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="final")
+    return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="final",
+               resume=resume)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 
 Only the LoRA matrices train; the base weights stay frozen. The adapter is saved on its own
 (`lit_model.lora.safetensors`, a few MB), with everything generate/lora.py and merge_lora.py need.
+An interrupted run continues with `--resume auto` (same flags): it ends with the same adapter as
+an uninterrupted one (see lit_llama/resume.py).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Any, Literal
 
 import torch
 
-from lit_llama.checkpoint import TOKENIZER_NAME
+from lit_llama.checkpoint import TOKENIZER_NAME, load_config
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig, load_lora_model, lora_param_count, mark_only_lora_as_trainable, save_adapter
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
     TrainConfig,
+    check_out_dir,
     fit,
     instruction_dataloaders,
     instruction_sampler,
@@ -47,6 +50,7 @@ def main(
     lora_value: bool = True,
     sample_instruction: str = SAMPLE_INSTRUCTION,
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
+    resume: Literal["auto"] | Path | None = None,
 ) -> dict[str, Any]:
     """Finetune LoRA adapters on a prepared instruction dataset.
 
@@ -67,10 +71,13 @@ def main(
         lora_value: Apply LoRA to the value slice.
         sample_instruction: The instruction answered after each validation to show progress.
         adapter_format: File format of the adapter.
+        resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
     lora_cfg = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key, value=lora_value)
+    load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
+    check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed)
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
@@ -97,7 +104,8 @@ def main(
         fabric.barrier()
 
     sample = instruction_sampler(tokenizer, prompt_style, sample_instruction)
-    return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="lit_model")
+    return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="lit_model",
+               resume=resume)
 
 
 if __name__ == "__main__":

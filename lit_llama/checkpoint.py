@@ -155,7 +155,7 @@ def write_safetensors_streaming(
             t = make()
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"tensor {name}: got {t.dtype} {tuple(t.shape)}, promised {dtype} {shape}")
-            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().data if t.numel() else b"")  # no extra copy
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # no extra copy
             written.add(name)
             del t
     if written != set(specs):
@@ -192,6 +192,13 @@ def load_config(checkpoint_dir: Path | str) -> LLaMAConfig:
         raise CheckpointError(f"{path} is not a valid LLaMA config ({e})") from None
 
 
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+        "the file is damaged or incomplete: download or convert it again"
+    )
+
+
 def load_weights(path: Path | str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read tensors safely and lazily: safetensors, or torch.load(mmap=True, weights_only=True)."""
     path = Path(path)
@@ -202,7 +209,25 @@ def load_weights(path: Path | str, device: torch.device | str = "cpu") -> dict[s
             return load_file(path, device=str(device))
         return torch.load(path, map_location=device, mmap=True, weights_only=True)
     except Exception as e:  # a truncated file, a pickle with code in it, not a checkpoint at all
-        raise CheckpointError(f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise _unreadable(path, e) from None
+
+
+def open_weights(path: Path | str) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """A weights file's tensor names and a getter that reads one tensor when asked (for streaming
+    converters): safetensors' lazy reader, or a memory-mapped weights_only torch.load."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            f = safe_open(str(path), framework="pt", device="cpu")
+            return list(f.keys()), f.get_tensor
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise _unreadable(path, e) from None
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} holds a {type(state_dict).__name__}, not a dict of tensors; is it a checkpoint?")
+    return list(state_dict), state_dict.__getitem__
 
 
 def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], allowed_missing: set[str] = frozenset()) -> None:
@@ -220,12 +245,16 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], allo
             parts.append(
                 f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
             )
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+        raise CheckpointError(
+            "checkpoint does not match the model: " + "; ".join(parts)
+            + "; lit_config.json and the weights come from different models: convert the checkpoint again"
+        )
     own = model.state_dict()
     for k, v in state_dict.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
+                f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the config needs "
+                f"{tuple(own[k].shape)}; lit_config.json and the weights come from different models: convert it again"
             )
 
 

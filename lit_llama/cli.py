@@ -8,6 +8,7 @@ LIT_LLAMA_DEBUG=1 to get the traceback anyway.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any, Callable
@@ -16,17 +17,31 @@ from jsonargparse import CLI
 
 # Errors that describe a user's input. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+# Operating-system errors that are about the user's disk, not our code.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def run(main: Callable[..., Any], args: list[str] | None = None) -> Any:
     try:
         return CLI(main, args=args, as_positional=False)
     except USER_ERRORS as e:
-        if os.environ.get("LIT_LLAMA_DEBUG"):
+        fail(e)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(e, hint="free some space or choose a writable folder" if e.errno != errno.EACCES else "check the folder's permissions")
     except KeyboardInterrupt:
-        print("interrupted; files being written were discarded, finished files are complete", file=sys.stderr)
+        print(
+            "interrupted; files being written were discarded, finished files are complete; "
+            "rerun with --resume auto to continue a training run",
+            file=sys.stderr,
+        )
         sys.exit(130)
+
+
+def fail(e: BaseException, hint: str = "") -> None:
+    if os.environ.get("LIT_LLAMA_DEBUG"):
+        raise e
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: {message}{'; ' + hint if hint else ''}", file=sys.stderr)
+    sys.exit(2)

@@ -7,14 +7,17 @@ learning-rate schedule, gradient accumulation, clipping, validation, logging and
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -41,6 +44,7 @@ class TrainConfig:
         eval_iters: Validation micro-batches per validation.
         save_interval: Optimizer steps between checkpoint saves.
         log_interval: Optimizer steps between metric log lines.
+        keep_last: Training states (for --resume) kept in out_dir/train_state, the newest; 0 writes none.
     """
 
     learning_rate: float = 3e-4
@@ -56,22 +60,25 @@ class TrainConfig:
     eval_iters: int = 100
     save_interval: int = 100
     log_interval: int = 1
+    keep_last: int = 2
 
     def validate(self, devices: int = 1) -> None:
         for name in ("batch_size", "micro_batch_size", "epochs", "eval_interval", "eval_iters", "save_interval", "log_interval"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+                raise ValueError(f"--train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+            raise ValueError(f"--train.learning_rate must be positive, got {self.learning_rate}; try 3e-4")
         if self.max_iters is not None and self.max_iters <= 0:
-            raise ValueError(f"--max_iters must be a positive number of optimizer steps, got {self.max_iters}")
+            raise ValueError(f"--train.max_iters must be a positive number of optimizer steps, got {self.max_iters}")
+        if self.keep_last < 0:
+            raise ValueError(f"--train.keep_last must be >= 0 (0: no training states, no --resume), got {self.keep_last}")
         if self.warmup_steps < 0:
-            raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"--train.warmup_steps must be >= 0, got {self.warmup_steps}")
         per_step = self.micro_batch_size * devices
         if self.batch_size % per_step:
             raise ValueError(
-                f"--batch_size {self.batch_size} must be a multiple of micro_batch_size x devices = {per_step}; "
-                f"try --batch_size {max(per_step, self.batch_size // per_step * per_step)}"
+                f"--train.batch_size {self.batch_size} must be a multiple of micro_batch_size x devices = {per_step}; "
+                f"try --train.batch_size {max(per_step, self.batch_size // per_step * per_step)}"
             )
 
     def accumulation_steps(self, devices: int = 1) -> int:
@@ -114,18 +121,42 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoader, max_i
 
 
 class MetricsLog:
-    """Append-only CSV of training metrics, flushed every row so a crash keeps what was logged."""
+    """Append-only CSV of training metrics, flushed every row so a crash keeps what was logged.
+
+    `resume_step`: keep the rows of an earlier run up to that step (those after it are redone)."""
 
     FIELDS = ("step", "epoch", "samples", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s")
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            self.rows = [row for row in self._read(path) if row["step"] <= resume_step]
         if enabled:
+            from lit_llama.checkpoint import atomic_path
+
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "w", newline="")
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+                writer.writeheader()
+                writer.writerows({k: row.get(k, "") for k in self.FIELDS} for row in self.rows)
+            self.file = open(path, "a", newline="")
             self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-            self.writer.writeheader()
+
+    @classmethod
+    def _read(cls, path: Path) -> list[dict[str, Any]]:
+        """The complete rows of a metrics CSV, numbers parsed (a row cut off by a crash is dropped)."""
+        rows = []
+        with open(path, newline="") as f:
+            for raw in csv.DictReader(f):
+                try:
+                    row = {k: (int(v) if k in ("step", "epoch", "samples", "tokens") else float(v))
+                           for k, v in raw.items() if k in cls.FIELDS and v not in ("", None)}
+                except ValueError:
+                    continue
+                if "step" in row and None not in raw.values():
+                    rows.append(row)
+        return rows
 
     def log(self, **row: Any) -> None:
         self.rows.append(row)
@@ -149,6 +180,45 @@ def write_hparams(out_dir: Path, hparams: dict[str, Any]) -> None:
     atomic_write_text(out_dir / "hparams.json", json.dumps({k: plain(v) for k, v in hparams.items()}, indent=2) + "\n")
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Create `out_dir` and make sure a file can be written there, before any heavy work starts."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out_dir {str(out_dir)!r} is not writable ({e.strerror or type(e).__name__}); pass a folder you can write to"
+        ) from None
+
+
+# Errors of a write that the user fixes by making room or pointing elsewhere, not bugs.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def disk_errors_as_value_errors(what: Path) -> Iterator[None]:
+    """Turn a full disk (or a read-only one) while writing `what` into a one-line ValueError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise ValueError(
+            f"cannot write {what} ({e.strerror}); free disk space or pass an --out_dir on another disk, then rerun "
+            "with --resume auto to continue from the last saved state"
+        ) from None
+
+
+def _gather_rng(fabric: L.Fabric, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's RNG tensors stacked along a leading rank dimension (on rank 0's side)."""
+    if fabric.world_size == 1:
+        return {k: t[None] for k, t in tensors.items()}
+    return {k: fabric.all_gather(t.to(fabric.device)).cpu() for k, t in tensors.items()}
+
+
 def fit(
     fabric: L.Fabric,
     model: torch.nn.Module,
@@ -160,90 +230,180 @@ def fit(
     save: Callable[[Path], None],
     sample: Callable[[torch.nn.Module], str] | None = None,
     checkpoint_name: str = "checkpoint",
+    resume: Path | Literal["auto"] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
     """Train until `max_iters` optimizer steps or `epochs` epochs; returns the final metrics.
 
     `save(path_stem)` writes whatever the script keeps (an adapter, a checkpoint directory); it is
     called every `save_interval` steps with `out_dir/iter-XXXXXX-<checkpoint_name>` and at the end
     with `out_dir/<checkpoint_name>`. `sample(model)` returns a text generated after each validation.
+
+    Resuming: when `train_loader` samples with `lit_llama.resume.EpochSampler` (build it with
+    `resumable_dataloader`), a training state (trainable weights, optimizer, counters, position in
+    the epoch, RNG states and the named `generators`, e.g. a dataset's own) is written to
+    `out_dir/train_state/` next to every `save`. `resume` continues from one: "auto" from
+    out_dir's newest intact state if there is one (else a fresh start), a path from that run's.
+    A resumed run ends with the same weights as an uninterrupted one (same device and settings).
     """
+    from lit_llama import resume as rs
+
     accum = cfg.accumulation_steps(fabric.world_size)
     if len(train_loader) < accum:
         raise ValueError(
             f"the training set gives {len(train_loader)} micro-batches per epoch, fewer than the {accum} that one "
-            f"optimizer step of --batch_size {cfg.batch_size} needs; lower --batch_size or add data"
+            f"optimizer step of --train.batch_size {cfg.batch_size} needs; lower --train.batch_size or add data"
         )
     steps_per_epoch = len(train_loader) // accum
+    micro_per_epoch = steps_per_epoch * accum  # the partial accumulation at an epoch's end is dropped
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
-    metrics = MetricsLog(out_dir / "metrics.csv", enabled=fabric.global_rank == 0)
+    inner = getattr(model, "module", model)
+    sampler = rs.epoch_sampler(train_loader)
+    state_dir = out_dir / rs.STATE_DIR
+    # What must not change between a run and its resumption for the batches to line up.
+    geometry = dict(micro_batch_size=cfg.micro_batch_size, accumulation=accum, world_size=fabric.world_size,
+                    micro_batches_per_epoch=len(train_loader), sampler=sampler.describe() if sampler else None)
+
+    step = epoch = micro_in_epoch = 0  # epoch: 0-based index of the epoch in progress
+    tokens = samples = 0
+    running_loss: list[torch.Tensor] = []  # losses since the last log line, kept on the device (no sync)
+    last_val = float("nan")
+    elapsed_before = 0.0
+    resumed_from = None
+    if resume is not None:
+        if sampler is None:
+            raise ValueError(
+                "this script's training DataLoader cannot restore its position in an epoch; build it with "
+                "lit_llama.resume.resumable_dataloader to use --resume"
+            )
+        if fabric.global_rank == 0:
+            for p in rs.clean_stale_temps(out_dir):
+                fabric.print(f"Removed {p}, left by an interrupted write")
+        source = rs.resolve_resume(resume, out_dir)
+        found = (source, rs.verify_state(source)) if source.is_file() else rs.find_good_state(source)
+        if found is None:
+            fabric.print(f"No training state in {source}: starting from scratch")
+        else:
+            resumed_from, doc = found
+            c = rs.from_json(doc["counters"])
+            if c["geometry"] != geometry:
+                changed = sorted(k for k in geometry if c["geometry"].get(k) != geometry[k])
+                then = ", ".join(f"{k}={c['geometry'].get(k)}" for k in changed)
+                raise ValueError(
+                    f"cannot resume from {resumed_from}: {', '.join(changed)} changed since it was saved ({then}); "
+                    "resume with the same data, batch sizes, devices and seed, or start a new --out_dir"
+                )
+            rng = rs.load_train_state(resumed_from, doc, inner, optimizer)
+            if fabric.global_rank == 0 and resumed_from.parent.resolve() == state_dir.resolve():
+                rs.discard_states_after(state_dir, c["step"])
+            step, epoch, micro_in_epoch = c["step"], c["epoch"], c["micro_in_epoch"]
+            tokens, samples, last_val = c["tokens"], c["samples"], c["last_val"]
+            running_loss = [torch.tensor(x, device=fabric.device) for x in c["running_loss"]]
+            elapsed_before = c["elapsed_s"]
+            rank_rng = {}
+            for k, t in rng.items():
+                if t.size(0) != fabric.world_size:
+                    raise ValueError(f"cannot resume from {resumed_from}: it holds RNG states of {t.size(0)} devices, "
+                                     f"this run has {fabric.world_size}; resume with --devices {t.size(0)}")
+                rank_rng[k] = t[fabric.global_rank]
+            rs.restore_rng(rank_rng, doc["rng"], generators)
+            fabric.print(f"Resumed from {resumed_from}: step {step}, epoch {epoch + 1}, "
+                         f"micro-batch {micro_in_epoch} of {micro_per_epoch}")
+
+    metrics = MetricsLog(out_dir / "metrics.csv", enabled=fabric.global_rank == 0,
+                         resume_step=step if resumed_from else None)
     fabric.print(
         f"Training {total_steps} optimizer steps: {len(train_loader.dataset)} samples, {steps_per_epoch} steps per epoch, "
         f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {accum} accumulation x {fabric.world_size} device(s)"
     )
 
-    step = epoch = 0
-    tokens = samples = 0
-    running_loss: list[float] = []
-    last_val = float("nan")
-    t_start = t_log = time.perf_counter()
+    def save_state() -> None:
+        """The training state after `step` optimizer steps (the RNG as the next step will find it)."""
+        if sampler is None or cfg.keep_last == 0:
+            return
+        at_end = micro_in_epoch >= micro_per_epoch  # the next step starts the next epoch
+        counters = dict(step=step, epoch=epoch + at_end, micro_in_epoch=0 if at_end else micro_in_epoch,
+                        tokens=tokens, samples=samples, last_val=last_val, running_loss=[x.item() for x in running_loss],
+                        elapsed_s=time.perf_counter() - t_start, total_steps=total_steps, geometry=geometry)
+        rng_tensors, rng_plain = rs.capture_rng(generators)
+        rng_tensors = _gather_rng(fabric, rng_tensors)
+        if fabric.global_rank == 0:
+            with disk_errors_as_value_errors(state_dir):
+                rs.save_train_state(state_dir, step, inner, optimizer, counters, (rng_tensors, rng_plain), cfg.keep_last)
+        fabric.barrier()
+
+    def save_output(stem: Path) -> None:
+        with disk_errors_as_value_errors(stem):
+            save(stem)
+
+    t_start = t_log = time.perf_counter() - elapsed_before
     tokens_since_log = 0
-    if val_loader is not None:
+    if val_loader is not None and resumed_from is None:
         last_val = validate(fabric, model, val_loader, cfg.eval_iters)
         metrics.log(step=0, epoch=0, val_loss=last_val, elapsed_s=0.0)
         fabric.print(f"step 0: val loss {last_val:.4f}")
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=fabric.global_rank != 0, file=sys.stderr)
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=fabric.global_rank != 0,
+                    file=sys.stderr)
     model.train()
-    while step < total_steps:
-        epoch += 1
-        for micro_step, batch in enumerate(train_loader):
-            if micro_step >= steps_per_epoch * accum:  # drop the partial accumulation at epoch end
-                break
-            is_accumulating = (micro_step + 1) % accum != 0
-            with fabric.no_backward_sync(model, enabled=is_accumulating):
-                loss = next_token_loss(model(batch["input_ids"]), batch["labels"])
-                fabric.backward(loss / accum)
-            running_loss.append(loss.detach())
-            n_tokens = batch["input_ids"].numel() * fabric.world_size
-            tokens += n_tokens
-            tokens_since_log += n_tokens
-            samples += batch["input_ids"].size(0) * fabric.world_size
-            if is_accumulating:
-                continue
+    try:
+        while step < total_steps:
+            if sampler is not None:
+                sampler.set_position(epoch, micro_in_epoch * cfg.micro_batch_size)
+            for micro_step, batch in enumerate(train_loader, start=micro_in_epoch):
+                if micro_step >= micro_per_epoch:
+                    break
+                is_accumulating = (micro_step + 1) % accum != 0
+                with fabric.no_backward_sync(model, enabled=is_accumulating):
+                    loss = next_token_loss(model(batch["input_ids"]), batch["labels"])
+                    fabric.backward(loss / accum)
+                running_loss.append(loss.detach())
+                micro_in_epoch = micro_step + 1
+                n_tokens = batch["input_ids"].numel() * fabric.world_size
+                tokens += n_tokens
+                tokens_since_log += n_tokens
+                samples += batch["input_ids"].size(0) * fabric.world_size
+                if is_accumulating:
+                    continue
 
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if cfg.grad_clip is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
+                lr = lr_at(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.grad_clip is not None:
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                progress.update(1)
 
-            if step % cfg.log_interval == 0 or step == total_steps:
-                train_loss = torch.stack(running_loss).mean().item()
-                running_loss.clear()
-                now = time.perf_counter()
-                tps = tokens_since_log / max(now - t_log, 1e-9)
-                t_log, tokens_since_log = now, 0
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                metrics.log(step=step, epoch=epoch, samples=samples, tokens=tokens, train_loss=train_loss, lr=lr,
-                            tokens_per_sec=tps, elapsed_s=now - t_start)
-            if val_loader is not None and (step % cfg.eval_interval == 0 or step == total_steps):
-                last_val = validate(fabric, model, val_loader, cfg.eval_iters)
-                metrics.log(step=step, epoch=epoch, val_loss=last_val, elapsed_s=time.perf_counter() - t_start)
-                progress.write(f"step {step}: val loss {last_val:.4f}", file=sys.stderr)
-                if sample is not None and fabric.global_rank == 0:
-                    progress.write(f"sample: {sample(model)!r}", file=sys.stderr)
-            if step % cfg.save_interval == 0 and step < total_steps:
-                save(out_dir / f"iter-{step:06d}-{checkpoint_name}")
-            if step >= total_steps:
-                break
-    progress.close()
-    save(out_dir / checkpoint_name)
+                if step % cfg.log_interval == 0 or step == total_steps:
+                    train_loss = torch.stack(running_loss).mean().item()
+                    running_loss.clear()
+                    now = time.perf_counter()
+                    tps = tokens_since_log / max(now - t_log, 1e-9)
+                    t_log, tokens_since_log = now, 0
+                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                    metrics.log(step=step, epoch=epoch + 1, samples=samples, tokens=tokens, train_loss=train_loss, lr=lr,
+                                tokens_per_sec=tps, elapsed_s=now - t_start)
+                if val_loader is not None and (step % cfg.eval_interval == 0 or step == total_steps):
+                    last_val = validate(fabric, model, val_loader, cfg.eval_iters)
+                    metrics.log(step=step, epoch=epoch + 1, val_loss=last_val, elapsed_s=time.perf_counter() - t_start)
+                    progress.write(f"step {step}: val loss {last_val:.4f}", file=sys.stderr)
+                    if sample is not None and fabric.global_rank == 0:
+                        progress.write(f"sample: {sample(model)!r}", file=sys.stderr)
+                if step % cfg.save_interval == 0 and step < total_steps:
+                    save_output(out_dir / f"iter-{step:06d}-{checkpoint_name}")
+                    save_state()
+                if step >= total_steps:
+                    break
+            if step < total_steps:  # the epoch ran out: the next one starts from its first micro-batch
+                epoch, micro_in_epoch = epoch + 1, 0
+    finally:  # the bar and the CSV are closed before an error message is printed
+        progress.close()
+        metrics.close()
+    save_output(out_dir / checkpoint_name)
+    save_state()  # a finished run resumed again only re-saves its result
     elapsed = time.perf_counter() - t_start
-    metrics.close()
-    result = dict(steps=step, epochs=epoch, tokens=tokens, samples=samples, val_loss=last_val, elapsed_s=elapsed,
+    result = dict(steps=step, epochs=epoch + 1, tokens=tokens, samples=samples, val_loss=last_val, elapsed_s=elapsed,
                   tokens_per_sec=tokens / max(elapsed, 1e-9), history=metrics.rows)
     fabric.print(
         f"Done: {step} steps, {tokens} trained tokens in {elapsed:.1f} s ({result['tokens_per_sec']:.0f} tokens/s), "
@@ -284,14 +444,25 @@ def instruction_dataloaders(
     """Epoch-based loaders over the prepared train/test splits (each sample once per epoch, reshuffled)."""
     from functools import partial
 
-    from lit_llama.data import collate, load_splits
+    from lit_llama.data import IGNORE_INDEX, collate, load_splits
+    from lit_llama.resume import resumable_dataloader
 
     train_set, val_set = load_splits(data_dir)
+    for name, split in (("train", train_set), ("test", val_set)):
+        if len(split) == 0:
+            raise ValueError(f"the {name} split in {str(data_dir)!r} holds no samples; prepare the data again with more records")
+    if not bool((train_set.labels != IGNORE_INDEX).any()):
+        raise ValueError(
+            f"no training sample in {str(data_dir)!r} has a response token left (max_seq_length "
+            f"{train_set.metadata.get('max_seq_length')} cut them all off); prepare the data again with a larger --max_seq_length"
+        )
     collate_fn = partial(collate, pad_id=pad_id)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
-    val_loader = DataLoader(val_set, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn)
-    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    # Each epoch's order comes from (seed, epoch) alone, so --resume can continue inside an epoch.
+    train_loader = resumable_dataloader(fabric, train_set, micro_batch_size, shuffle=True, seed=seed, collate_fn=collate_fn)
+    # A private generator: each iter() draws a seed from it, not from the global RNG dropout uses.
+    val_loader = DataLoader(val_set, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn,
+                            generator=torch.Generator().manual_seed(seed))
+    val_loader = fabric.setup_dataloaders(val_loader)
     return train_loader, val_loader, dict(train_set.metadata)
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from tqdm import tqdm
@@ -24,6 +24,7 @@ from lit_llama.checkpoint import (
     TOKENIZER_NAME,
     atomic_copy,
     atomic_path,
+    open_weights,
     save_config,
     save_weights,
     write_safetensors_streaming,
@@ -43,7 +44,7 @@ class ShardReader:
         self.dir = checkpoint_dir
         self.weight_map = find_weight_map(checkpoint_dir)  # HF name -> file name
         self.max_open = max_open
-        self._open: OrderedDict[str, object] = OrderedDict()
+        self._open: OrderedDict[str, Callable[[str], torch.Tensor]] = OrderedDict()  # file -> tensor getter
 
     def _shard(self, file: str):
         if file in self._open:
@@ -52,12 +53,7 @@ class ShardReader:
         path = self.dir / file
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed in the index but missing; download the checkpoint again")
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            shard = safe_open(str(path), framework="pt", device="cpu")
-        else:
-            shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        _, shard = open_weights(path)
         self._open[file] = shard
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)  # drop the least recently used shard
@@ -67,7 +63,7 @@ class ShardReader:
         if name not in self.weight_map:
             raise ValueError(f"tensor {name} is missing from the weights in {self.dir}; is the download complete?")
         shard = self._shard(self.weight_map[name])
-        return shard.get_tensor(name) if hasattr(shard, "get_tensor") else shard[name]
+        return shard(name)
 
 
 def find_weight_map(checkpoint_dir: Path) -> dict[str, str]:
@@ -83,13 +79,7 @@ def find_weight_map(checkpoint_dir: Path) -> dict[str, str]:
         )
     weight_map = {}
     for path in files:  # several shards without an index: list each one's names
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                weight_map.update({name: path.name for name in f.keys()})
-        else:
-            weight_map.update({name: path.name for name in torch.load(path, mmap=True, weights_only=True)})
+        weight_map.update({name: path.name for name in open_weights(path)[0]})
     return weight_map
 
 

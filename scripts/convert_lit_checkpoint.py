@@ -24,6 +24,7 @@ from lit_llama.checkpoint import (
     atomic_write_text,
     find_weights,
     load_config,
+    open_weights,
     write_safetensors_streaming,
 )
 from lit_llama.cli import run
@@ -32,14 +33,8 @@ from lit_llama.convert_hf import config_to_hf, hf_shapes, lit_shapes, lit_to_hf_
 
 def lazy_reader(weights_path: Path):
     """A name -> tensor function that reads one tensor at a time (safetensors) or maps the file (pth)."""
-    if weights_path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        f = safe_open(str(weights_path), framework="pt", device="cpu")
-        names = set(f.keys())
-        return names, f.get_tensor
-    state_dict = torch.load(weights_path, map_location="cpu", mmap=True, weights_only=True)
-    return set(state_dict), state_dict.__getitem__
+    names, get = open_weights(weights_path)
+    return set(names), get
 
 
 def main(
