@@ -9,6 +9,7 @@ repeated here. Only the response is printed on stdout; timings go to stderr.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
 from lit_llama.generation import generate
 from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merge_lora_weights
+from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
@@ -29,7 +31,7 @@ from base import PRECISIONS, peak_memory_mib, resolve_device  # noqa: E402
 
 def main(
     checkpoint_dir: Path = Path("checkpoints/open_llama_7b"),
-    lora_path: Path = Path("out/lora/alpaca/lit_model.lora.safetensors"),
+    lora_path: Path | list[Path] = Path("out/lora/alpaca/lit_model.lora.safetensors"),
     prompt: str = "What food do llamas eat?",
     input: str = "",
     max_new_tokens: int = 100,
@@ -40,12 +42,12 @@ def main(
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     prompt_style: str | None = None,
     seed: int = 1234,
-) -> str:
+) -> str | list[str]:
     """Generate a response to an instruction with a LoRA-finetuned model.
 
     Args:
         checkpoint_dir: The base model's checkpoint directory (the one the adapter was finetuned from).
-        lora_path: The adapter file written by finetune/lora.py.
+        lora_path: The adapter file written by finetune/lora.py; several (--lora_path a --lora_path b) answer side by side, unmerged, in one batch.
         prompt: The instruction.
         input: Optional context for the instruction (Alpaca's "input" field).
         max_new_tokens: How many tokens to generate at most (generation also stops at EOS).
@@ -61,6 +63,11 @@ def main(
     if precision == "16-true" and device.type == "cpu":
         raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
     torch.manual_seed(seed)
+    paths = [lora_path] if isinstance(lora_path, Path) else list(lora_path)
+    if len(paths) > 1:
+        return generate_many(checkpoint_dir, paths, prompt, input, max_new_tokens, temperature, top_k, top_p,
+                             precision, device, prompt_style)
+    lora_path = paths[0]
     _, meta = load_adapter(lora_path)
     style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca")
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
@@ -86,5 +93,42 @@ def main(
     return response
 
 
+def generate_many(
+    checkpoint_dir: Path, paths: list[Path], prompt: str, input: str, max_new_tokens: int, temperature: float,
+    top_k: int | None, top_p: float | None, precision: str, device: torch.device, prompt_style: str | None,
+) -> list[str]:
+    """One answer per adapter, all adapters unmerged over one base in one batch (lit_llama/multi_lora.py)."""
+    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+    t0 = time.perf_counter()
+    model, metas = load_multi_lora_model(checkpoint_dir, paths, device=device)
+    model = model.to(PRECISIONS[precision])
+    print(f"Loaded {checkpoint_dir} + {len(paths)} adapters in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    # Each adapter gets the prompt in its own template: row k is adapter k.
+    encoded = [
+        tokenizer.encode(get_prompt_style(prompt_style or meta.prompt_style or "alpaca").format(prompt, input), bos=True, device=device)
+        for meta in metas
+    ]
+    t0 = time.perf_counter()
+    outs = generate_with_adapters(model, encoded, list(range(len(paths))), max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    elapsed = time.perf_counter() - t0
+    responses = [tokenizer.decode(out[len(enc):]).strip() for enc, out in zip(encoded, outs)]
+    for path, response in zip(paths, responses):
+        print(f"### {path}\n{response}")
+    n_new = sum(len(out) - len(enc) for enc, out in zip(encoded, outs))
+    print(f"Generated {n_new} tokens for {len(paths)} adapters in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
+          f"peak memory {peak_memory_mib(device):.0f} MiB", file=sys.stderr)
+    return responses
+
+
+def join_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--flag a --flag b` -> `--flag ["a", "b"]`, the list syntax jsonargparse reads (it keeps only the last)."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+    if len(values) < 2:
+        return argv
+    rest = [arg for i, arg in enumerate(argv) if arg != flag and (i == 0 or argv[i - 1] != flag)]
+    return [*rest, flag, json.dumps(values)]
+
+
 if __name__ == "__main__":
-    run(main)
+    run(main, join_repeated(sys.argv[1:], "--lora_path"))

@@ -17,10 +17,9 @@ from typing import Literal
 
 import torch
 
-from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_into, model_state_dict, save_checkpoint
+from lit_llama.checkpoint import TOKENIZER_NAME, load_config, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.lora import apply_adapter, is_lora_key, load_adapter, load_lora_model, merge_lora_weights
-from lit_llama.model import LLaMA
+from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merged_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,12 +46,11 @@ def main(
     model = load_lora_model(checkpoint_dir, meta.lora)
     apply_adapter(model, lora_path)
     base_dtype = model.lm_head.weight.dtype
-    merge_lora_weights(model)  # W += scaling * B A, computed in fp32, cast back to W's dtype
-    # A plain LLaMA takes the merged tensors by assignment: no LoRA layers, no second copy.
-    with torch.device("meta"):
-        merged = LLaMA(model.config)
+    # W += scaling * B A in fp32, cast back to W's dtype; a plain LLaMA takes the merged tensors by
+    # assignment, with the config the adapter implies (tied stays tied; untied or grown vocab change it).
+    merged = merged_model(model)
     out_dtype = base_dtype if dtype == "keep" else DTYPES[dtype]
-    load_into(merged, {k: v for k, v in model_state_dict(model).items() if not is_lora_key(k)}, dtype=out_dtype)
+    merged = merged.to(out_dtype)
     tokenizer = checkpoint_dir / TOKENIZER_NAME
     weights = save_checkpoint(merged, output_dir, tokenizer_path=tokenizer if tokenizer.is_file() else None)
     print(f"Merged {lora_path} (r={meta.lora.r}, targets {meta.lora.targets}) into {weights} "
