@@ -5,7 +5,8 @@
 Only the LoRA matrices train; the base weights stay frozen. The adapter is saved on its own
 (`lit_model.lora.safetensors`, a few MB), with everything generate/lora.py and merge_lora.py need.
 An interrupted run continues with `--resume auto` (same flags): it ends with the same adapter as
-an uninterrupted one (see lit_llama/resume.py).
+an uninterrupted one (see lit_llama/resume.py). Several GPUs: `--devices N --strategy ddp|fsdp`
+(howto/multi_gpu.md); under FSDP no rank ever holds the whole base model on its GPU.
 """
 
 from __future__ import annotations
@@ -17,15 +18,31 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME, load_config
 from lit_llama.cli import run
-from lit_llama.lora import LoRAConfig, load_lora_model, lora_param_count, mark_only_lora_as_trainable, save_adapter
+from lit_llama.lora import (
+    LoRAConfig,
+    adapter_metadata,
+    build_lora_model,
+    is_lora_key,
+    load_lora_model,
+    lora_param_count,
+    mark_only_lora_as_trainable,
+    save_adapter,
+    write_adapter,
+)
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
+    Strategy,
     TrainConfig,
+    build_sharded,
     check_out_dir,
+    check_strategy,
     fit,
+    gather_parameters,
     instruction_dataloaders,
     instruction_sampler,
+    load_sharded,
     setup_fabric,
+    setup_model_and_optimizer,
     weights_dtype,
     write_hparams,
 )
@@ -40,6 +57,8 @@ def main(
     precision: Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "bf16-mixed",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     devices: int = 1,
+    strategy: Strategy = "auto",
+    activation_checkpointing: bool = False,
     seed: int = 1337,
     train: TrainConfig = TrainConfig(),
     lora_r: int = 8,
@@ -48,6 +67,18 @@ def main(
     lora_query: bool = True,
     lora_key: bool = False,
     lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    lora_embedding: bool = False,
+    lora_r_query: int | None = None,
+    lora_r_key: int | None = None,
+    lora_r_value: int | None = None,
+    train_embeddings: bool = False,
+    untie_embeddings: bool = False,
+    resize_vocab: int | None = None,
+    pad_id: int | None = None,
+    save_embedding_layers: Literal["auto", "true", "false"] = "auto",
     sample_instruction: str = SAMPLE_INSTRUCTION,
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
     resume: Literal["auto"] | Path | None = None,
@@ -60,7 +91,9 @@ def main(
         out_dir: Where the adapter, metrics.csv and hparams.json are written.
         precision: 32-true (fp32), bf16-mixed (bf16 base weights, fp32 LoRA, autocast), bf16-true, or 16-mixed (GPU).
         accelerator: cpu, cuda, or auto (cuda when available).
-        devices: Number of devices (data parallel).
+        devices: Number of devices; the global batch (--train.batch_size) is split over them.
+        strategy: auto (DDP with several devices), ddp, fsdp (shards the base model over the GPUs), or deepspeed (ZeRO-2).
+        activation_checkpointing: With fsdp: recompute each Block's activations in the backward pass to save memory.
         seed: Random seed for initialisation, shuffling and dropout.
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
         lora_r: LoRA rank.
@@ -69,28 +102,57 @@ def main(
         lora_query: Apply LoRA to the query slice of the fused attention projection.
         lora_key: Apply LoRA to the key slice.
         lora_value: Apply LoRA to the value slice.
+        lora_projection: Apply LoRA to the attention output projection (attn.c_proj).
+        lora_mlp: Apply LoRA to the MLP (c_fc1, c_fc2, mlp.c_proj).
+        lora_head: Apply LoRA to the output head (on a tied model: the embedding's shared update).
+        lora_embedding: Apply LoRA to the token embedding (on a tied model the head follows).
+        lora_r_query: Rank of the query slice (None: lora_r).
+        lora_r_key: Rank of the key slice (None: lora_r).
+        lora_r_value: Rank of the value slice (None: lora_r).
+        train_embeddings: Also train the embedding and head matrices in full (one matrix on a tied model).
+        untie_embeddings: On a tied model, give the head its own weight (and its own update).
+        resize_vocab: Grow the embedding and head to this many tokens; new rows start at the mean embedding.
+        pad_id: A new token whose row stays zero and is never updated (needs resize_vocab).
+        save_embedding_layers: auto saves embedding/head weights only when trained or grown; true always; false never.
         sample_instruction: The instruction answered after each validation to show progress.
         adapter_format: File format of the adapter.
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
-    lora_cfg = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key, value=lora_value)
-    load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
+    lora_cfg = LoRAConfig(
+        r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key, value=lora_value,
+        projection=lora_projection, mlp=lora_mlp, head=lora_head, embedding=lora_embedding,
+        r_query=lora_r_query, r_key=lora_r_key, r_value=lora_r_value, train_embedding=train_embeddings,
+        train_head=train_embeddings, untie_embeddings=untie_embeddings, resize_vocab=resize_vocab, pad_id=pad_id,
+    )
+    config = load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
+    check_strategy(strategy, accelerator, resume)
     check_out_dir(out_dir)
-    fabric = setup_fabric(accelerator, devices, precision, seed)
+    fabric = setup_fabric(accelerator, devices, precision, seed, strategy, activation_checkpointing, train.grad_clip)
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")
 
-    model = load_lora_model(checkpoint_dir, lora_cfg, dtype=weights_dtype(precision), device=fabric.device)
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
+    fsdp = strategy == "fsdp"
+    if fsdp:
+        # On the meta device: FSDP materialises and shards it Block by Block in setup, then the
+        # base weights are copied in. One dtype for all (FSDP flattens a Block's tensors into one).
+        model, base_weights = build_sharded(fabric, checkpoint_dir, lambda c: build_lora_model(c, lora_cfg))
+    else:
+        model = load_lora_model(checkpoint_dir, lora_cfg, dtype=weights_dtype(precision), device=fabric.device)
+        if precision == "bf16-true":
+            model = model.to(torch.bfloat16)
     mark_only_lora_as_trainable(model)
-    fabric.print(f"Trainable LoRA parameters: {lora_param_count(model):,} (base: {sum(p.numel() for p in model.parameters()):,})")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
-    model, optimizer = fabric.setup(model, optimizer)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA + fully trained modules
+    fabric.print(f"Trainable parameters: {n_trainable:,}, of which LoRA {lora_param_count(model):,} "
+                 f"(all: {sum(p.numel() for p in model.parameters()):,})")
+    model, optimizer = setup_model_and_optimizer(
+        fabric, model, lambda params: torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    )
+    if fsdp:
+        load_sharded(fabric, model, base_weights)
+        del base_weights
 
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +160,14 @@ def main(
 
     def save(stem: Path) -> None:
         path = stem.with_name(stem.name + f".lora.{adapter_format}")
-        if fabric.global_rank == 0:
-            save_adapter(model.module if hasattr(model, "module") else model, path, lora_cfg, prompt_style=prompt_style)
-            fabric.print(f"Saved adapter to {path}")
+        if fsdp:  # every rank takes part in gathering the LoRA shards; rank 0 writes one whole adapter
+            tensors = gather_parameters(fabric, model, keep=is_lora_key)
+            if fabric.global_rank == 0:
+                write_adapter(tensors, path, adapter_metadata(lora_cfg, config, prompt_style))
+        elif fabric.global_rank == 0:
+            save_adapter(model.module if hasattr(model, "module") else model, path, lora_cfg, prompt_style=prompt_style,
+                         save_embedding_layers=save_embedding_layers)
+        fabric.print(f"Saved adapter to {path}")
         fabric.barrier()
 
     sample = instruction_sampler(tokenizer, prompt_style, sample_instruction)

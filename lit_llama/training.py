@@ -2,7 +2,9 @@
 
 Scripts differ in what they build (a LoRA model, a full model, a model from scratch), which
 parameters they hand to the optimizer, and what `save` writes. Everything else lives here: the
-learning-rate schedule, gradient accumulation, clipping, validation, logging and checkpoint cadence.
+learning-rate schedule, gradient accumulation, clipping, validation, logging and checkpoint cadence,
+and the multi-device pieces (Fabric strategies ddp/fsdp/deepspeed, building and loading a model
+under FSDP, gathering its shards for saving; howto/multi_gpu.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from lit_llama.resume import EpochSampler
 
 
 @dataclass
@@ -212,6 +216,14 @@ def disk_errors_as_value_errors(what: Path) -> Iterator[None]:
         ) from None
 
 
+def _rank_mean(fabric: L.Fabric, losses: list[torch.Tensor]) -> list[float]:
+    """Each logged-but-not-yet-averaged loss, averaged over the ranks (a resumed run restores the
+    same list on every rank, so its next logged mean is the mean an uninterrupted run logs)."""
+    if not losses:
+        return []
+    return fabric.all_reduce(torch.stack(losses), reduce_op="mean").tolist()
+
+
 def _gather_rng(fabric: L.Fabric, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank's RNG tensors stacked along a leading rank dimension (on rank 0's side)."""
     if fabric.world_size == 1:
@@ -245,6 +257,12 @@ def fit(
     `out_dir/train_state/` next to every `save`. `resume` continues from one: "auto" from
     out_dir's newest intact state if there is one (else a fresh start), a path from that run's.
     A resumed run ends with the same weights as an uninterrupted one (same device and settings).
+
+    Several devices (`setup_fabric(strategy=...)`): each optimizer step takes micro_batch_size x
+    accumulation samples on every rank; with `instruction_dataloaders`' `MicroBatchSampler` the
+    result does not depend on the number of devices. Under FSDP and DeepSpeed no training states
+    are written (their shards are not on rank 0) and `resume` is refused; under FSDP `sample` is
+    skipped (rank 0 cannot run a sharded model alone).
     """
     from lit_llama import resume as rs
 
@@ -259,6 +277,19 @@ def fit(
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
     inner = getattr(model, "module", model)
     sampler = rs.epoch_sampler(train_loader)
+    # FSDP and DeepSpeed shard the weights or the optimizer state over the ranks: rank 0 alone
+    # cannot write a training state that resumes, and (FSDP) cannot run the model on its own.
+    sharded = is_fsdp(fabric) or is_deepspeed(fabric)
+    if sharded and resume is not None:
+        raise ValueError(_NO_SHARDED_RESUME.format(strategy="fsdp" if is_fsdp(fabric) else "deepspeed"))
+    if is_deepspeed(fabric) and accum > 1:  # its engine steps and scales on its own accumulation count
+        raise ValueError(
+            f"--strategy deepspeed runs without gradient accumulation here; set --train.batch_size to "
+            f"micro_batch_size x devices = {cfg.micro_batch_size * fabric.world_size}"
+        )
+    if sample is not None and is_fsdp(fabric):
+        fabric.print("Sample generation is off under FSDP (every rank holds only a shard of the model)")
+        sample = None
     state_dir = out_dir / rs.STATE_DIR
     # What must not change between a run and its resumption for the batches to line up.
     geometry = dict(micro_batch_size=cfg.micro_batch_size, accumulation=accum, world_size=fabric.world_size,
@@ -305,7 +336,9 @@ def fit(
                 if t.size(0) != fabric.world_size:
                     raise ValueError(f"cannot resume from {resumed_from}: it holds RNG states of {t.size(0)} devices, "
                                      f"this run has {fabric.world_size}; resume with --devices {t.size(0)}")
-                rank_rng[k] = t[fabric.global_rank]
+                # A copy: torch.set_rng_state misreads a view at a storage offset (rank > 0: "Invalid
+                # mt19937 state" or a segfault, torch 2.13).
+                rank_rng[k] = t[fabric.global_rank].clone()
             rs.restore_rng(rank_rng, doc["rng"], generators)
             fabric.print(f"Resumed from {resumed_from}: step {step}, epoch {epoch + 1}, "
                          f"micro-batch {micro_in_epoch} of {micro_per_epoch}")
@@ -317,13 +350,20 @@ def fit(
         f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {accum} accumulation x {fabric.world_size} device(s)"
     )
 
+    def sync_tokens() -> None:
+        """Add the tokens every rank trained on since the last call (ranks pad to different lengths)."""
+        nonlocal tokens, tokens_since_log, pending_tokens
+        total = int(fabric.all_reduce(torch.tensor(pending_tokens, device=fabric.device), reduce_op="sum"))
+        tokens, tokens_since_log, pending_tokens = tokens + total, tokens_since_log + total, 0
+
     def save_state() -> None:
         """The training state after `step` optimizer steps (the RNG as the next step will find it)."""
-        if sampler is None or cfg.keep_last == 0:
+        if sampler is None or cfg.keep_last == 0 or sharded:
             return
+        sync_tokens()
         at_end = micro_in_epoch >= micro_per_epoch  # the next step starts the next epoch
         counters = dict(step=step, epoch=epoch + at_end, micro_in_epoch=0 if at_end else micro_in_epoch,
-                        tokens=tokens, samples=samples, last_val=last_val, running_loss=[x.item() for x in running_loss],
+                        tokens=tokens, samples=samples, last_val=last_val, running_loss=_rank_mean(fabric, running_loss),
                         elapsed_s=time.perf_counter() - t_start, total_steps=total_steps, geometry=geometry)
         rng_tensors, rng_plain = rs.capture_rng(generators)
         rng_tensors = _gather_rng(fabric, rng_tensors)
@@ -337,7 +377,7 @@ def fit(
             save(stem)
 
     t_start = t_log = time.perf_counter() - elapsed_before
-    tokens_since_log = 0
+    tokens_since_log = pending_tokens = 0
     if val_loader is not None and resumed_from is None:
         last_val = validate(fabric, model, val_loader, cfg.eval_iters)
         metrics.log(step=0, epoch=0, val_loss=last_val, elapsed_s=0.0)
@@ -358,9 +398,7 @@ def fit(
                     fabric.backward(loss / accum)
                 running_loss.append(loss.detach())
                 micro_in_epoch = micro_step + 1
-                n_tokens = batch["input_ids"].numel() * fabric.world_size
-                tokens += n_tokens
-                tokens_since_log += n_tokens
+                pending_tokens += batch["input_ids"].numel()  # this rank's; summed over the ranks by sync_tokens
                 samples += batch["input_ids"].size(0) * fabric.world_size
                 if is_accumulating:
                     continue
@@ -368,7 +406,7 @@ def fit(
                 lr = lr_at(step, total_steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if cfg.grad_clip is not None:
+                if cfg.grad_clip is not None and not is_deepspeed(fabric):  # DeepSpeed clips inside its step
                     fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -376,7 +414,9 @@ def fit(
                 progress.update(1)
 
                 if step % cfg.log_interval == 0 or step == total_steps:
-                    train_loss = torch.stack(running_loss).mean().item()
+                    sync_tokens()
+                    # Averaged over the ranks too: each saw its own micro-batches of the global batch.
+                    train_loss = fabric.all_reduce(torch.stack(running_loss).mean(), reduce_op="mean").item()
                     running_loss.clear()
                     now = time.perf_counter()
                     tps = tokens_since_log / max(now - t_log, 1e-9)
@@ -400,6 +440,7 @@ def fit(
     finally:  # the bar and the CSV are closed before an error message is printed
         progress.close()
         metrics.close()
+    sync_tokens()
     save_output(out_dir / checkpoint_name)
     save_state()  # a finished run resumed again only re-saves its result
     elapsed = time.perf_counter() - t_start
@@ -413,20 +454,207 @@ def fit(
 
 
 # ----------------------------------------------------------------- pieces the finetune scripts share
+Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
+_NO_SHARDED_RESUME = (
+    "--resume is not supported with --strategy {strategy} (its weights or optimizer state are sharded over the "
+    "devices, so no resumable training state is written); train with --strategy ddp to be able to resume"
+)
+
+
+def check_strategy(strategy: str, accelerator: str, resume: Any = None) -> None:
+    """One-line errors for a strategy that cannot run here, before anything heavy starts."""
+    if strategy not in ("auto", "ddp", "fsdp", "deepspeed"):
+        raise ValueError(f"--strategy must be auto, ddp, fsdp or deepspeed, got {strategy!r}")
+    if strategy in ("fsdp", "deepspeed") and resume is not None:
+        raise ValueError(_NO_SHARDED_RESUME.format(strategy=strategy))
+    if strategy == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("--strategy deepspeed needs the deepspeed package: pip install deepspeed")
+    if strategy in ("fsdp", "deepspeed") and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ValueError(f"--strategy {strategy} needs CUDA GPUs; on CPU use --strategy ddp (or auto)")
+
+
+def make_strategy(
+    strategy: Strategy, activation_checkpointing: bool = False, grad_clip: float | None = None
+) -> str | Any:
+    """What Fabric's `strategy=` gets for a --strategy flag.
+
+    fsdp: every `Block` is its own FSDP unit (gathered for its forward/backward, sharded again
+    after), so a GPU holds the full weights of one Block at a time. `use_orig_params=True` lets a
+    flat parameter hold frozen base weights and trainable LoRA matrices together (their
+    requires_grad may differ). Modules built on the meta device are materialised on the GPU unit
+    by unit by `_materialize_on_device`. activation_checkpointing recomputes each Block's
+    activations in the backward pass instead of storing them.
+    deepspeed: ZeRO stage 2 (optimizer state and gradients sharded, weights replicated); it clips
+    gradients itself, so `grad_clip` goes into its config.
+    """
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+
+        from lit_llama.model import Block
+
+        return FSDPStrategy(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy={Block} if activation_checkpointing else None,
+            state_dict_type="full",
+            sharding_strategy="FULL_SHARD",
+            use_orig_params=True,
+            param_init_fn=_materialize_on_device,
+        )
+    if strategy == "deepspeed":
+        from lightning.fabric.strategies import DeepSpeedStrategy
+
+        ds = DeepSpeedStrategy(stage=2)
+        if grad_clip is not None:
+            ds.config["gradient_clipping"] = grad_clip
+        return ds
+    if activation_checkpointing:
+        raise ValueError("--activation_checkpointing needs --strategy fsdp; drop the flag or switch strategy")
+    return strategy
+
+
+def _materialize_on_device(module: torch.nn.Module) -> None:
+    """FSDP's `param_init_fn`: give a module built on the meta device real (uninitialised) memory on
+    this rank's GPU, and initialise what no checkpoint will overwrite: the LoRA matrices. The
+    base weights are loaded afterwards by `load_sharded`. (FSDP's default calls
+    `reset_parameters()`, which RMSNorm and MergedLinear do not have.)"""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # Swap the tensors into the existing Parameters rather than making new ones: a tied head and
+    # embedding share one Parameter, and must still share it afterwards.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        module.to_empty(device=device, recurse=False)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    if hasattr(module, "reset_lora_parameters"):
+        with torch.no_grad():
+            module.reset_lora_parameters()
+
+
+def is_fsdp(fabric: L.Fabric) -> bool:
+    from lightning.fabric.strategies import FSDPStrategy
+
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
+def is_deepspeed(fabric: L.Fabric) -> bool:
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
+    return isinstance(fabric.strategy, DeepSpeedStrategy)
+
+
 def setup_fabric(
-    accelerator: str = "auto", devices: int = 1, precision: str = "32-true", seed: int = 1337, strategy: str = "auto"
+    accelerator: str = "auto", devices: int = 1, precision: str = "32-true", seed: int = 1337,
+    strategy: Strategy = "auto", activation_checkpointing: bool = False, grad_clip: float | None = None,
 ) -> L.Fabric:
-    """Fabric(devices, precision) -> launch -> seed_everything. Precision the device lacks is a clear error."""
+    """Fabric(devices, precision, strategy) -> launch -> seed_everything. Precision the device lacks
+    is a clear error. With several devices every rank runs the script; the same seed on each gives
+    every rank the same initial (LoRA) weights."""
     if precision == "16-mixed" and accelerator == "cpu":
         raise ValueError("--precision 16-mixed needs a GPU; on CPU use 32-true, bf16-true or bf16-mixed")
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise ValueError("--accelerator cuda was asked for but no CUDA device is available; use --accelerator cpu")
     if devices < 1:
         raise ValueError(f"--devices must be at least 1, got {devices}")
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, precision=precision, strategy=strategy)
+    check_strategy(strategy, accelerator)
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, precision=precision,
+                      strategy=make_strategy(strategy, activation_checkpointing, grad_clip))
     fabric.launch()
     fabric.seed_everything(seed)
     return fabric
+
+
+def setup_model_and_optimizer(
+    fabric: L.Fabric, model: torch.nn.Module, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+) -> tuple[Any, Any]:
+    """fabric.setup in the order the strategy needs; `make_optimizer(trainable parameters)`.
+
+    FSDP wraps (and materialises, and shards) the model first, and the optimizer is then built on
+    the parameters FSDP keeps; DeepSpeed wants both at once; DDP and one device take either order."""
+    if is_fsdp(fabric):
+        model = fabric.setup_module(model)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return model, fabric.setup_optimizers(optimizer)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    return fabric.setup(model, optimizer)
+
+
+def build_sharded(
+    fabric: L.Fabric, checkpoint_dir: Path, model_fn: Callable[[Any], torch.nn.Module],
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """For FSDP: `model_fn(config)` built on the meta device (no rank allocates the full model), and
+    the checkpoint's tensors (memory-mapped on CPU) for `load_sharded` once fabric has set the
+    model up. The keys are checked now, strictly: only the parameters the checkpoint cannot have
+    (LoRA's) may be missing."""
+    from lit_llama.checkpoint import check_keys, find_weights, load_config, load_weights
+
+    config = load_config(checkpoint_dir)
+    with fabric.init_module(empty_init=True):
+        model = model_fn(config)
+    state_dict = load_weights(find_weights(checkpoint_dir))
+    check_keys(model, state_dict, allowed_missing={k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))})
+    return model, state_dict
+
+
+def load_sharded(fabric: L.Fabric, model: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a full (unsharded) state dict into a model that FSDP has set up: each unit is gathered,
+    filled and sharded again in turn, so a GPU never holds more than one Block in full. Every rank
+    must call it. Keys the state dict lacks (LoRA's) keep their values."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = model._forward_module  # the FSDP-wrapped model behind Fabric's wrapper
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+        root.load_state_dict(state_dict, strict=False)
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def gather_parameters(
+    fabric: L.Fabric, model: Any, keep: Callable[[str], bool] = lambda name: True
+) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the model's parameters whose (checkpoint) name `keep` accepts, on rank 0;
+    an empty dict on the other ranks. Every rank must call it.
+
+    Under FSDP each unit is gathered on its own (`summon_full_params(recurse=False)`), its wanted
+    tensors copied to CPU and the unit sharded again: saving a LoRA adapter never gathers more
+    than one Block of the base model on a GPU, and only LoRA tensors reach the CPU."""
+    inner = getattr(model, "module", model)
+
+    def clean(name: str) -> str:
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        return name
+
+    names: dict[int, list[str]] = {}  # a tied weight has two names (lm_head.weight, transformer.wte.weight)
+    for name, p in inner.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(clean(name))
+
+    def copy(params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        out = {}
+        for p in params:
+            wanted = [name for name in names[id(p)] if keep(name)]
+            if wanted:
+                out.update(dict.fromkeys(wanted, p.detach().to("cpu", copy=True)))
+        return out
+
+    if not is_fsdp(fabric):
+        return copy(list(inner.parameters())) if fabric.global_rank == 0 else {}
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out: dict[str, torch.Tensor] = {}
+    for unit in FSDP.fsdp_modules(model._forward_module):  # the root (embeddings, head, norm), then each Block
+        nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+        own = [p for p in unit.parameters() if id(p) not in nested]
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            if fabric.global_rank == 0:
+                out.update(copy(own))
+    return out
 
 
 def weights_dtype(precision: str) -> torch.dtype:
@@ -438,6 +666,47 @@ def weights_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+class MicroBatchSampler(EpochSampler):
+    """An `EpochSampler` that deals whole micro-batches to the ranks in turn: micro-batch k of the
+    epoch (samples k*m .. k*m+m-1 of its permutation, m = micro_batch_size) goes to rank
+    k % num_replicas. The k-th global batch then holds the same micro-batches on any number of
+    devices, and as the loss is a mean per micro-batch, averaged over the accumulation steps and
+    (by DDP) over the ranks, N devices give the gradient that one device with N times the
+    accumulation gives. (Dealing single samples, as DistributedSampler does, would regroup the
+    samples into other micro-batches and change the per-micro-batch means.)
+
+    One device sees the permutation itself, exactly as with `EpochSampler`; with several, the
+    epoch is padded by wrapping around so every rank gets the same number of full micro-batches.
+    """
+
+    def __init__(self, num_samples: int, micro_batch_size: int, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(num_samples, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.micro_batch_size = micro_batch_size
+
+    def order(self, epoch: int) -> list[int]:
+        if self.shuffle:  # the permutation EpochSampler draws: seeded by (seed, epoch) only
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            indices = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            indices = list(range(self.num_samples))
+        if self.num_replicas == 1:
+            return indices
+        total = len(self) * self.num_replicas
+        indices = (indices * -(-total // len(indices)))[:total]  # wrap around to fill the last global batch
+        m, world = self.micro_batch_size, self.num_replicas
+        return [i for start in range(self.rank * m, total, m * world) for i in indices[start:start + m]]
+
+    def __len__(self) -> int:
+        if self.num_replicas == 1:
+            return self.num_samples
+        per_rank_batches = -(-self.num_samples // (self.micro_batch_size * self.num_replicas))  # ceil
+        return per_rank_batches * self.micro_batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "deal": f"micro-batches of {self.micro_batch_size}"}
+
+
 def instruction_dataloaders(
     fabric: L.Fabric, data_dir: Path, micro_batch_size: int, pad_id: int, seed: int
 ) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
@@ -445,7 +714,6 @@ def instruction_dataloaders(
     from functools import partial
 
     from lit_llama.data import IGNORE_INDEX, collate, load_splits
-    from lit_llama.resume import resumable_dataloader
 
     train_set, val_set = load_splits(data_dir)
     for name, split in (("train", train_set), ("test", val_set)):
@@ -457,8 +725,14 @@ def instruction_dataloaders(
             f"{train_set.metadata.get('max_seq_length')} cut them all off); prepare the data again with a larger --max_seq_length"
         )
     collate_fn = partial(collate, pad_id=pad_id)
-    # Each epoch's order comes from (seed, epoch) alone, so --resume can continue inside an epoch.
-    train_loader = resumable_dataloader(fabric, train_set, micro_batch_size, shuffle=True, seed=seed, collate_fn=collate_fn)
+    # Each epoch's order comes from (seed, epoch) alone, so --resume can continue inside an epoch;
+    # whole micro-batches are dealt to the ranks, so the global batches do not depend on --devices.
+    sampler = MicroBatchSampler(len(train_set), micro_batch_size, shuffle=True, seed=seed,
+                                num_replicas=fabric.world_size, rank=fabric.global_rank)
+    train_loader = DataLoader(train_set, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn,
+                              generator=sampler.loader_generator)
+    # The sampler already shards by rank; Fabric's DistributedSampler wrapper would shard it again.
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
     # A private generator: each iter() draws a seed from it, not from the global RNG dropout uses.
     val_loader = DataLoader(val_set, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn,
                             generator=torch.Generator().manual_seed(seed))
