@@ -382,8 +382,9 @@ def fit(
         last_val = validate(fabric, model, val_loader, cfg.eval_iters)
         metrics.log(step=0, epoch=0, val_loss=last_val, elapsed_s=0.0)
         fabric.print(f"step 0: val loss {last_val:.4f}")
+    # Redirected to a file, a bar redrawn ten times a second fills it with carriage returns: draw rarely.
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=fabric.global_rank != 0,
-                    file=sys.stderr)
+                    file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     model.train()
     try:
         while step < total_steps:

@@ -1,0 +1,165 @@
+"""The whole job of the repo, offline, in a few minutes on a laptop CPU:
+
+    prepare demo data -> train a tokenizer -> pretrain a tiny model -> LoRA-finetune it on
+    instructions -> evaluate base vs base+LoRA -> answer held-out instructions
+
+    python scripts/quickstart.py
+
+Every step calls the same `main` the individual script runs (scripts/prepare_demo.py,
+scripts/prepare_text.py, pretrain/base.py, scripts/prepare_json.py, finetune/lora.py,
+scripts/evaluate.py), so what works here works there. Artifacts go to out/quickstart/; a rerun
+skips the steps whose outputs already exist (delete the folder, or pass --fresh, to start over).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from lit_llama.checkpoint import atomic_write_text
+from lit_llama.cli import run
+from lit_llama.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """Import a script of this repo (they are files, not a package) to call its `main`."""
+    path = ROOT / relative_path
+    name = "quickstart_" + path.stem + "_" + path.parent.name
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # jsonargparse-style postponed annotations resolve through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def step(title: str, done_marker: Path, fn: Callable[[], Any], timings: dict[str, float]) -> None:
+    """Run one stage unless its output exists already; print what happened and how long it took."""
+    print(f"\n=== {title}", file=sys.stderr, flush=True)
+    if done_marker.exists():
+        print(f"(reusing {done_marker.relative_to(ROOT) if done_marker.is_relative_to(ROOT) else done_marker})", file=sys.stderr)
+        timings[title] = 0.0
+        return
+    t0 = time.perf_counter()
+    fn()
+    timings[title] = time.perf_counter() - t0
+
+
+def main(
+    out_dir: Path = Path("out/quickstart"),
+    pretrain_iters: int = 600,
+    finetune_iters: int = 300,
+    n_test: int = 300,
+    seed: int = 42,
+    threads: int | None = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Run the whole pipeline on synthetic data the repo generates itself.
+
+    Args:
+        out_dir: Where every artifact goes (data, tokenizer, checkpoints, adapter, evaluation).
+        pretrain_iters: Optimizer steps of pretraining.
+        finetune_iters: Optimizer steps of LoRA finetuning.
+        n_test: Held-out instructions to evaluate on.
+        seed: Seed for the data and for training.
+        threads: torch CPU threads (default: torch's choice, usually the number of cores).
+        fresh: Delete out_dir first instead of reusing finished steps.
+    """
+    if pretrain_iters <= 0 or finetune_iters <= 0:
+        raise ValueError("--pretrain_iters and --finetune_iters must be positive numbers of optimizer steps")
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
+    if fresh and out_dir.exists():
+        shutil.rmtree(out_dir)
+    data, text, base_dir, sft, lora_dir = (out_dir / p for p in ("demo", "text", "pretrain", "sft", "lora"))
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    prepare_demo = load_script("scripts/prepare_demo.py")
+    prepare_text = load_script("scripts/prepare_text.py")
+    pretrain = load_script("pretrain/base.py")
+    prepare_json = load_script("scripts/prepare_json.py")
+    finetune = load_script("finetune/lora.py")
+    evaluate = load_script("scripts/evaluate.py")
+
+    step("1/6 prepare the demo world (corpus + instructions)", data / "test.json",
+         lambda: prepare_demo.main(destination_path=data, seed=seed, n_test=n_test), timings)
+    step("2/6 train a tokenizer and tokenize the corpus", text / "val.bin",
+         lambda: prepare_text.main(input_file=data / "corpus.txt", destination_path=text, vocab_size=512), timings)
+    step("3/6 pretrain a tiny LLaMA from scratch", base_dir / "final" / "lit_config.json",
+         lambda: pretrain.main(
+             data_dir=text, model_name="tiny", block_size=256, n_layer=4, n_embd=128, n_head=4, out_dir=base_dir,
+             accelerator="cpu", seed=seed,
+             train=TrainConfig(learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32,
+                               max_iters=pretrain_iters, warmup_steps=30, weight_decay=0.1, eval_interval=pretrain_iters,
+                               eval_iters=10, save_interval=10**9, log_interval=10),
+         ), timings)
+    base = base_dir / "final"
+    step("4/6 tokenize the instruction set", sft / "test.safetensors",
+         lambda: prepare_json.main(data_file=data / "train.json", checkpoint_dir=base, destination_path=sft,
+                                   test_size=0.05, max_seq_length=base_config_block_size(base), seed=seed), timings)
+    step("5/6 LoRA-finetune the base on the instructions", lora_dir / "lit_model.lora.safetensors",
+         lambda: finetune.main(
+             data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision="32-true", accelerator="cpu", seed=seed,
+             train=TrainConfig(learning_rate=1e-2, batch_size=16, micro_batch_size=16, max_iters=finetune_iters,
+                               warmup_steps=20, eval_interval=finetune_iters, eval_iters=4, save_interval=10**9,
+                               log_interval=10),
+             lora_r=8, lora_alpha=16, lora_dropout=0.0,
+         ), timings)
+    adapter = lora_dir / "lit_model.lora.safetensors"
+
+    results: dict[str, Any] = {}
+
+    def run_evaluation() -> None:
+        for name, lora_path in (("base", None), ("base+lora", adapter)):
+            results[name] = evaluate.evaluate(base, lora_path, tokens_dir=text, instructions_file=data / "test.json",
+                                              prompt_style="alpaca")
+        atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2) + "\n")
+
+    step("6/6 evaluate base vs base+LoRA on held-out instructions", out_dir / "evaluation.json", run_evaluation, timings)
+    results = json.loads((out_dir / "evaluation.json").read_text())
+    print("\n" + evaluate.format_table(results))
+
+    # Three held-out answers, side by side with the expected ones.
+    records = json.loads((data / "test.json").read_text())
+    shown = {}
+    for i, record in enumerate(records):
+        shown.setdefault(record.get("task", "all"), i)
+    print("\nHeld-out examples (base+LoRA):")
+    for i in list(shown.values())[:3]:
+        r = records[i]
+        question = r["instruction"] + (f" | {r['input']}" if r.get("input") else "")
+        print(f"  Q: {question}\n  A: {results['base+lora']['exact_match']['predictions'][i]}   (expected: {r['output']})")
+
+    total = time.perf_counter() - t_start
+    adapter_bytes = adapter.stat().st_size
+    base_bytes = sum(f.stat().st_size for f in base.glob("lit_model.*"))
+    print(
+        f"\nDone in {total:.0f} s ({', '.join(f'{k.split()[0]} {v:.0f}s' for k, v in timings.items())}). "
+        f"Adapter {adapter_bytes / 1024:.0f} KiB = {adapter_bytes / base_bytes:.1%} of the base checkpoint.\n"
+        f"Artifacts in {out_dir}. Try: python generate/lora.py --checkpoint_dir {base} --lora_path {adapter} "
+        f"--prompt \"{records[0]['instruction']}\" --input \"{records[0].get('input', '')}\" --temperature 0"
+    )
+    summary = {"seconds": total, "timings": timings, "adapter_bytes": adapter_bytes, "base_bytes": base_bytes,
+               "base": results["base"]["exact_match"]["accuracy"], "base+lora": results["base+lora"]["exact_match"]["accuracy"]}
+    return summary
+
+
+def base_config_block_size(checkpoint_dir: Path) -> int:
+    from lit_llama.checkpoint import load_config
+
+    return load_config(checkpoint_dir).block_size
+
+
+if __name__ == "__main__":
+    run(main)
