@@ -39,15 +39,17 @@ def sample(
 ) -> torch.Tensor:
     """Next token ids (B,) from (B, V) logits; temperature 0 is greedy (argmax)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits.float().argmax(-1)  # CPU's argmax is 3x slower over bf16 than over fp32
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def prefill(model: LLaMA, idx: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
-    """Run the (B, T) prompt through the model, filling the KV cache; logits of the last position (B, V)."""
+    """Run the (B, T) prompt through the model, filling the KV cache; logits of the last position (B, V).
+    Only that position goes through the head: the others' logits would be T - 1 wasted (C, V) matmuls."""
     input_pos = torch.arange(idx.size(1), device=idx.device)
-    return model(idx, input_pos, key_valid)[:, -1]
+    hidden = model(idx, input_pos, key_valid, return_hidden=True)  # (B, T, C)
+    return model.lm_head(hidden[:, -1:])[:, -1]  # (B, V); heads see (B, T, C) as always
 
 
 def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +108,7 @@ def generate(
     slots = torch.arange(cache_len, device=idx.device)
     key_valid = (slots[None, :] >= pads[:, None]) if bool(pads.any()) else None  # (B, S)
 
+    positions = torch.arange(L, total, device=idx.device)  # where each new token goes, made once
     new_tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=idx.device)
     # A row's length is max_new_tokens until it emits EOS; then it is the EOS position.
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=idx.device)
@@ -120,6 +123,5 @@ def generate(
             if bool((lengths < max_new_tokens).all()):
                 break
         if step + 1 < max_new_tokens:
-            input_pos = torch.tensor([L + step], device=idx.device)
-            logits = decode_fn(model, token[:, None], input_pos, key_valid)
+            logits = decode_fn(model, token[:, None], positions[step:step + 1], key_valid)
     return [torch.cat([p, new_tokens[row, : min(int(lengths[row]), n_new)]]) for row, p in enumerate(prompts)]

@@ -167,18 +167,10 @@ class LLaMA(nn.Module):
         )
         if config.tie_embeddings:
             self.tie_weights()
-        # RoPE tables are kept in fp32 outside the state dict: a buffer would be cast to bf16 by
-        # `model.to(torch.bfloat16)` and lose precision at large positions.
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tie_weights(self) -> None:
         """Make lm_head use the token embedding's Parameter (one tensor, one gradient)."""
         self.lm_head.weight = self.transformer.wte.weight
-
-    def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].device != device:
-            self._rope = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
-        return self._rope
 
     def set_kv_cache(
         self, batch_size: int, max_seq_length: int | None = None, device: torch.device | None = None,
@@ -203,7 +195,8 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = None
 
     def forward(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, key_valid: torch.Tensor | None = None
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T).
 
@@ -211,13 +204,15 @@ class LLaMA(nn.Module):
         With `input_pos` (T,) the tokens sit at those positions and attend through the KV cache
         (set it with `set_kv_cache`). `key_valid` (B, S), optional, marks which cache slots hold real
         tokens, so that left-padded prompts of different lengths can share one batch.
+        `return_hidden=True` returns the final normed hidden states (B, T, C) instead, for callers
+        that need the logits of only some positions (a prompt's last token, the unmasked labels):
+        the head is a (C, V) matmul, the largest of the model, so they apply `lm_head` themselves.
         """
         B, T = idx.shape
-        cos, sin = self.rope_cache(idx.device)
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-            cos, sin = cos[:T], sin[:T]  # (T, hs/2)
+            positions = torch.arange(T, device=idx.device)
             mask = None
         else:
             kv_cache = self.transformer.h[0].attn.kv_cache
@@ -225,14 +220,16 @@ class LLaMA(nn.Module):
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(...) first")
             if kv_cache.k.shape[0] != B:
                 raise ValueError(f"batch of {B} does not match the KV cache's batch size {kv_cache.k.shape[0]}")
-            cos, sin = cos[input_pos], sin[input_pos]  # (T, hs/2)
+            positions = input_pos
             mask = build_cache_mask(input_pos, kv_cache.k.shape[2], key_valid)  # (B or 1, 1, T, S)
+        cos, sin = rope_angles(positions, self.config.head_size, self.config.rope_base)  # (T, hs/2) each
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs/2): the same rotation for every head
 
         x = self.transformer.wte(idx)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos, mask)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, V)
+        return x if return_hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
     @classmethod
     def from_checkpoint(
@@ -247,7 +244,8 @@ class LLaMA(nn.Module):
 
 def build_cache_mask(input_pos: torch.Tensor, cache_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Boolean attention mask (True = attend) for queries at `input_pos` over `cache_len` slots."""
-    if input_pos.max() >= cache_len:
+    # The check reads a value from the tensor; a compiled decode step skips it (generate checks once).
+    if not torch.compiler.is_compiling() and input_pos.max() >= cache_len:
         raise ValueError(
             f"position {int(input_pos.max())} does not fit the KV cache of {cache_len} tokens; "
             "use a shorter prompt, fewer new tokens or a larger max_seq_length"
@@ -290,20 +288,36 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
         B, T, C = x.shape
         nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
-        q, k, v = self.c_attn(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        qk, v = self.c_attn(x).split(((nh + ng) * hs, ng * hs), dim=-1)
+        # Queries and keys get the same rotation: one RoPE call for both launches half the kernels.
+        q, k = apply_rope(qk.view(B, T, nh + ng, hs), cos, sin).split((nh, ng), dim=2)  # (B, T, nh/ng, hs)
+        q = q.transpose(1, 2)  # (B, nh, T, hs)
+        k = k.transpose(1, 2)  # (B, ng, T, hs)
         v = v.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, S, hs)
         # Query head h reads key/value head h // (nh // ng), as in Meta's and HF's repeat_kv.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=ng != nh
-        )  # (B, nh, T, hs)
+        if T == 1 and mask is not None:
+            y = attend_one_query(q, k, v, mask)  # (B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=ng != nh
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per sequence over the cache, as a plain matmul-softmax (HF's eager
+    order of roundings). At this shape CPU's flash kernel is slower: in bf16, 2x at batch 1 and 6x at
+    batch 8 (howto/performance.md). q (B, nh, 1, hs); k, v (B, ng, S, hs); mask (B or 1, 1, 1, S).
+    The nh/ng query heads that share a key/value head become the query rows of its matmul: GQA
+    without repeating k and v."""
+    B, nh, _, hs = q.shape
+    ng = k.shape[1]
+    scores = (q.view(B, ng, nh // ng, hs) @ k.transpose(-1, -2)) * hs**-0.5  # (B, ng, nh/ng, S)
+    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(v.dtype)
+    return (probs @ v).view(B, nh, 1, hs)  # (B, ng, nh/ng, hs) -> (B, nh, 1, hs)
 
 
 class KVCache(nn.Module):
@@ -344,30 +358,44 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # Normalise (the fused kernel accumulates in fp32 for bf16/fp16 input), round to x's dtype, then
+        # scale: HF's order of roundings, bit for bit, without a saved fp32 copy of x for the backward.
+        return F.rms_norm(x, (x.size(-1),), eps=self.eps) * self.weight
+
+
+def rope_angles(
+    positions: torch.Tensor, head_size: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of angle[p, j] = p * base^(-2j/hs) for the given positions: each (T, hs/2), fp32.
+    Computed per forward (a few tiny kernels) rather than cached: no state to keep on the right
+    device or out of a bf16 cast, and nothing for torch.compile to guard on."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size))
+    angles = torch.outer(positions.float(), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
 
 
 def build_rope_cache(
     seq_len: int, head_size: int, base: float = 10000.0, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (seq_len, hs/2), fp32: angle[p, j] = p * base^(-2j/hs)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    """The cos and sin tables of positions 0..seq_len-1, each (seq_len, hs/2), fp32."""
+    return rope_angles(torch.arange(seq_len, device=device), head_size, base)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2j], x[2j+1]) of each head by angle[p, j] (Meta's convention).
 
+    `cos`/`sin` hold angle[p, j] shaped to broadcast against x's pairs: (T, hs/2) for x (B, nh, T, hs),
+    (T, 1, hs/2) for x (B, T, nh, hs). Computed in fp32 whatever x's dtype.
     HF checkpoints store q/k rows permuted to rotate (x[j], x[j + hs/2]) instead; the converters
     undo that permutation so this single convention serves every format.
     """
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hs/2, 2)
-    x0, x1 = pairs.unbind(-1)  # each (B, nh, T, hs/2)
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, nh, T, hs/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs)
+    if torch.compiler.is_compiling():  # inductor fuses these into one kernel, but cannot generate complex code
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., hs/2)
+        rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (..., hs/2, 2)
+    else:  # eager: the same rotation as one complex multiply, a third of the time forward and backward
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., hs/2)
+        rotated = torch.view_as_real(pairs * torch.complex(cos, sin))  # (..., hs/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (..., hs)
 
 
 def init_weights(model: LLaMA, std: float = 0.02) -> None:

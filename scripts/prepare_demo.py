@@ -11,7 +11,7 @@ runs offline and two runs with the same seed write byte-identical files:
 
 The split of work between the two stages is the point of the demo. The corpus teaches the knowledge:
 where each person of the world lives, their favorite color, pet and job; sums of small numbers; a
-table of opposites. It always shows an answer in quotes inside a sentence (`The answer is "Oakvale".`),
+table of opposites. It always shows an answer in quotes inside a sentence (`Answer: "Oakvale".`),
 never in the instruction format. The instruction set teaches only the format: after "### Response:"
 give the bare short answer and stop. So a pretrained base model knows the answers but does not
 follow the format, and a LoRA adapter learns the format in a minute.
@@ -101,13 +101,14 @@ def opposite_table() -> dict[str, str]:
 
 
 # What may stand between a question and its answer in the corpus. The instruction format puts
-# "### Response:" there; a varying gap teaches the model to find the question by its content,
-# not at a fixed distance.
+# "\n\n### Response:" there; varying gaps and lead-ins teach the model to find the question by its
+# content, not at a fixed distance, and to answer after a colon as well as after "is".
 GAPS = ("", "", " Think about it.", " Let me see.", "\n", " Take your time.\n", " Here is a hint. Think it through.")
+LEAD_INS = ("The answer is", "The answer is", "Answer:", "It is")
 
 
 def quoted(question: str, answer: str, rng: random.Random) -> str:
-    return f'{question}{rng.choice(GAPS)} The answer is "{answer}".'
+    return f'{question}{rng.choice(GAPS)} {rng.choice(LEAD_INS)} "{answer}".'
 
 
 def fact_question(person: str, rel: str) -> str:

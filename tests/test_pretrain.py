@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from lit_llama.model import LLaMA
 from lit_llama.pretrain_data import PretrainDataset
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread per subprocess: tiny models gain nothing from more, and threads that spin-wait on a
+# busy 2-core machine slow everything down.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "river", "green", "café", "naïve")
 
 
@@ -40,7 +44,7 @@ def make_text(n_docs: int = 200, seed: int = 0) -> list[str]:
 
 def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ENV)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -1,0 +1,507 @@
+"""Benchmark LoRA finetuning and generation: lit_llama against transformers + PEFT, side by side.
+
+    python scripts/benchmark.py                                  # 134M LLaMA, bf16 and fp32, 3 repeats
+    python scripts/benchmark.py --dtype bf16 --tasks train --repeats 5
+    python scripts/benchmark.py --preset tiny --repeats 1 --steps 2 --new_tokens 8   # a smoke run
+
+Both implementations get the same config and the same weights (random, written once per dtype to a
+temporary folder: our checkpoint, and its Hugging Face twin through `lit_llama.convert_hf`), the same
+batches, the same LoRA (r, alpha on Q and V) and the same thread count. Every measurement runs in a
+fresh subprocess of this script, so its peak RSS is its own and nothing warm carries over; the two
+implementations alternate (which one goes first flips every repeat) so that a change in the machine's
+load hits both. The table gives min / median / max over the repeats, and the ratio ours / reference
+per interleaved pair.
+
+    train     LoRA finetuning steps: forward, loss on the unmasked labels, backward, AdamW on the LoRA
+              parameters. bf16: bf16 base weights, fp32 LoRA, autocast (finetune's bf16-mixed); fp32: all fp32.
+    decode    greedy generation of new_tokens tokens after a prompt_len-token prompt, batch 1.
+    batch     the same for gen_batch prompts at once (tokens/s counts every sequence's tokens).
+
+MFU is model FLOPs per second over a matmul peak measured in the same run (a square matmul in the
+same dtype and thread count, best of several): training counts 4 N + 6 L T C FLOPs per token
+(forward and input-gradient of the frozen matmuls, attention forward and backward; the LoRA update
+is negligible), generation 2 N + 4 L S C, with N the matmul weights (head included, embedding
+not), L layers, T the sequence, S the average context, C the width.
+
+"ours" is a training step written here the way finetune/lora.py runs one, so that proposed changes
+to lit_llama.training can be measured before they land (see howto/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lit_llama.cli import run
+from lit_llama.model import LLaMA, LLaMAConfig
+
+# The issue's reference model: LLaMA with Llama-2's vocabulary, 12 x 768, about 134M parameters.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "134M": dict(block_size=1024, vocab_size=32000, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
+    "tiny": dict(block_size=256, vocab_size=256, n_layer=2, n_head=4, n_embd=32, intermediate_size=64),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ("ours", "reference")
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------ shared inputs
+def training_batches(vocab_size: int, n: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` micro-batches of token ids (n, B, T) and labels like an instruction dataset's: each row's
+    first 25-75% (its "prompt") is masked with -100, so about half of the positions carry a loss."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n, batch_size, seq_len), generator=g)
+    prompt_len = torch.randint(seq_len // 4, 3 * seq_len // 4 + 1, (n, batch_size, 1), generator=g)
+    labels = ids.masked_fill(torch.arange(seq_len) < prompt_len, IGNORE_INDEX)
+    return ids, labels
+
+
+def generation_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch_size, prompt_len), generator=g)  # (B, P)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: ru_maxrss survives
+    exec, so a subprocess would report its parent's peak if that was higher."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) matmul in `dtype`: the roofline MFU is taken against."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm up (thread pool, kernel choice)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def matmul_params(config: LLaMAConfig) -> int:
+    """N: weights of every matmul of a forward pass (attention, MLP and head; not the embedding lookup)."""
+    C, hidden = config.n_embd, config.intermediate_size
+    qkv = (config.n_head + 2 * config.n_query_groups) * config.head_size
+    return config.n_layer * (C * qkv + C * C + 3 * C * hidden) + C * config.padded_vocab_size
+
+
+def write_weights(config: LLaMAConfig, out: Path, dtypes: list[str], seed: int = 1234) -> None:
+    """One set of random weights, written for each dtype as our checkpoint (out/lit-DTYPE) and as
+    its Hugging Face LlamaForCausalLM twin (out/hf-DTYPE), mapped by lit_llama.convert_hf."""
+    from lit_llama.checkpoint import atomic_write_text, save_checkpoint, save_weights
+    from lit_llama.convert_hf import config_to_hf, lit_to_hf_state_dict
+    from lit_llama.model import init_weights
+
+    torch.manual_seed(seed)
+    model = LLaMA(config)
+    init_weights(model)
+    model.to(torch.bfloat16)  # rounded once, in place: the bf16 and the fp32 runs hold the same values
+    for name in dtypes:
+        model.to(DTYPES[name])
+        save_checkpoint(model, out / f"lit-{name}")
+        hf_dtype = {"bf16": "bfloat16", "fp32": "float32"}[name]
+        hf_sd = lit_to_hf_state_dict(model.state_dict(), config)
+        save_weights(hf_sd, out / f"hf-{name}" / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_text(out / f"hf-{name}" / "config.json", json.dumps(config_to_hf(config, hf_dtype), indent=2))
+
+
+# ----------------------------------------------------------------------------------- ours: training
+def next_token_loss_skip_masked(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not -100 (the proposed
+    lit_llama.training.next_token_loss_skip_masked): the head runs only on those positions, and with a frozen
+    plain head the (positions, V) fp32 logits exist one chunk at a time (see `HeadCrossEntropy`)."""
+    hidden = model(input_ids, return_hidden=True)  # (B, T, C)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    head = getattr(model, "module", model).lm_head
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad:
+        total = HeadCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
+    else:  # a head with LoRA or trained in full: autograd through its own forward
+        total = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return total / targets.numel() if targets.numel() else total * 0.0
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i) for a frozen head W, chunk by chunk. The forward also computes the
+    gradient with respect to h (softmax - one_hot) @ W, so the backward needs no logits: no chunk's
+    (n, V) fp32 logits outlive its loop iteration, and no matmul is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        weight = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, C); none for validation
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logprobs = (h @ weight.T).float().log_softmax(-1)  # (n, V), fp32 for the softmax
+            total -= logprobs.gather(1, t[:, None]).sum()
+            if grad_hidden is not None:
+                grad_logits = logprobs.exp_()  # d CE / d logits = softmax - one_hot, in place of the log-probs
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+                grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight  # (n, C)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
+    from lit_llama.lora import LoRAConfig, load_lora_model, mark_only_lora_as_trainable
+
+    dtype = DTYPES[spec["dtype"]]
+    lora = LoRAConfig(r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=spec["lora_dropout"], query=True, value=True)
+    model = load_lora_model(spec["lit_dir"], lora, dtype=dtype)  # LoRA parameters stay fp32
+    mark_only_lora_as_trainable(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    forward = torch.compile(model) if spec["compile"] else model
+
+    def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = next_token_loss_skip_masked(forward, input_ids, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return timed_training(train_step, spec)
+
+
+# ------------------------------------------------------------------------------ reference: training
+def reference_train(spec: dict[str, Any]) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    dtype = DTYPES[spec["dtype"]]
+    model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype)
+    lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)  # adapters in fp32 on a bf16 base (autocast_adapter_dtype)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    forward = torch.compile(model) if spec["compile"] else model
+
+    def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = forward(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return timed_training(train_step, spec)
+
+
+def timed_training(train_step, spec: dict[str, Any]) -> dict[str, Any]:
+    n = spec["warmup"] + spec["steps"]
+    ids, labels = training_batches(spec["vocab_size"], n, spec["batch_size"], spec["seq_len"])
+    times, losses = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        losses.append(train_step(ids[i], labels[i]).item())
+        times.append(time.perf_counter() - t0)
+    # The median step: one step slowed down by another process on the machine does not move it.
+    step_s = statistics.median(times[spec["warmup"]:])
+    return dict(tokens_per_s=spec["batch_size"] * spec["seq_len"] / step_s, first_step_s=times[0], loss0=losses[0],
+                step_s=times, peak_rss_mib=peak_rss_mib())
+
+
+# ------------------------------------------------------------------------------------- generation
+def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    from lit_llama.checkpoint import load_model
+    from lit_llama.generation import decode_one_token, generate
+
+    model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]])
+    decode_fn = torch.compile(decode_one_token) if spec["compile"] else decode_one_token
+
+    def run_generate(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        out = generate(model, prompts, new_tokens, temperature=0.0, decode_fn=decode_fn)
+        return torch.stack([o[prompts.shape[1]:] for o in out])  # (B, new_tokens)
+
+    return timed_generation(run_generate, spec)
+
+
+def reference_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=DTYPES[spec["dtype"]]).eval()
+    model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as ours
+    model.generation_config.pad_token_id = 0
+    if spec["compile"]:
+        model.forward = torch.compile(model.forward)
+
+    def run_generate(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return out[:, prompts.shape[1]:]
+
+    return timed_generation(run_generate, spec)
+
+
+def timed_generation(run_generate, spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm up, then per batch size: time to first token (best of 3 one-token generations) and
+    tokens/s of one full generation (all sequences' new tokens over its wall time)."""
+    result: dict[str, Any] = {}
+    for name, batch in (("decode", 1), ("batch", spec["gen_batch"])):
+        prompts = generation_prompts(spec["vocab_size"], batch, spec["prompt_len"])
+        # Warm-up; compiled, at full length, so that the timed run meets no new shape.
+        run_generate(prompts, spec["new_tokens"] if spec["compile"] else min(8, spec["new_tokens"]))
+        ttft = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run_generate(prompts, 1)
+            ttft.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tokens = run_generate(prompts, spec["new_tokens"])
+        elapsed = time.perf_counter() - t0
+        assert tokens.shape == (batch, spec["new_tokens"]), tokens.shape
+        result[name] = dict(tokens_per_s=tokens.numel() / elapsed, ttft_s=min(ttft), tokens=tokens[0].tolist())
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+WORKERS = {("ours", "train"): ours_train, ("reference", "train"): reference_train,
+           ("ours", "generate"): ours_generate, ("reference", "generate"): reference_generate}
+
+
+def run_worker(spec_path: Path) -> None:
+    """Subprocess side: run the measurement `spec_path` describes, write its result JSON."""
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    result = WORKERS[spec["impl"], spec["task"]](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------- report
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def fmt(values: list[float], digits: int) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in summary(values))
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for pkg in ("transformers", "peft"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{pkg} missing")
+    return ", ".join(parts)
+
+
+def main(
+    preset: Literal["134M", "tiny"] = "134M",
+    dtype: Literal["bf16", "fp32", "both"] = "both",
+    tasks: Literal["train", "generate", "all"] = "all",
+    batch_size: int = 4,
+    seq_len: int = 256,
+    steps: int = 5,
+    warmup: int = 2,
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+    gen_batch: int = 8,
+    repeats: int = 3,
+    threads: int | None = None,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    compile: bool = False,
+    json_out: Path | None = None,
+    worker: Path | None = None,
+) -> dict[str, Any] | None:
+    """Measure lit_llama against transformers + PEFT on one config and one set of weights.
+
+    Args:
+        preset: Model size: 134M (the issue's reference LLaMA, vocab 32000, 12 x 768) or tiny (a smoke test).
+        dtype: bf16 (bf16 base weights, fp32 LoRA, autocast), fp32, or both.
+        tasks: train (LoRA finetuning steps), generate (greedy decoding, batch 1 and gen_batch), or all.
+        batch_size: Training micro-batch size (sequences per step).
+        seq_len: Training sequence length in tokens.
+        steps: Timed training steps per run (after the warmup steps).
+        warmup: Untimed training steps per run before the timed ones.
+        prompt_len: Prompt tokens for generation.
+        new_tokens: Tokens generated per sequence.
+        gen_batch: Prompts generated together in the batched generation run.
+        repeats: Runs per implementation and setting (each in its own subprocess, interleaved).
+        threads: Torch threads in every run (default: the machine's CPU count).
+        lora_r: LoRA rank (on the query and value projections).
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout on both implementations.
+        compile: torch.compile the model (training) and the decode step (ours) / forward (reference).
+        json_out: Also write every measurement as JSON here.
+        worker: Internal: run the one measurement this spec file describes (the subprocesses' entry).
+    """
+    if worker is not None:
+        run_worker(worker)
+        return None
+    for name, value in dict(batch_size=batch_size, seq_len=seq_len, steps=steps, prompt_len=prompt_len,
+                            new_tokens=new_tokens, gen_batch=gen_batch, repeats=repeats, lora_r=lora_r).items():
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    threads = threads or os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    config = LLaMAConfig(**BENCH_PRESETS[preset], source=f"scripts/benchmark.py preset {preset}")
+    if seq_len > config.block_size or prompt_len + new_tokens > config.block_size:
+        raise ValueError(
+            f"--seq_len {seq_len} or --prompt_len + --new_tokens {prompt_len + new_tokens} exceeds the preset's "
+            f"block_size {config.block_size}; use shorter sequences"
+        )
+    dtypes = ["bf16", "fp32"] if dtype == "both" else [dtype]
+    task_list = ["train", "generate"] if tasks == "all" else [tasks]
+    torch.set_num_threads(threads)
+
+    n_params = _param_count(config)
+    print(f"# Benchmark: lit_llama vs transformers+PEFT, preset {preset} ({n_params / 1e6:.1f}M parameters)")
+    print(f"- model: vocab {config.vocab_size}, {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
+          f"intermediate {config.intermediate_size}, untied")
+    print(f"- LoRA r={lora_r}, alpha={lora_alpha:g}, dropout={lora_dropout:g} on Q and V; AdamW on the LoRA parameters")
+    print(f"- train: micro-batch {batch_size} x {seq_len} tokens, {warmup} warmup + {steps} timed steps, "
+          "loss on ~50% of the positions (prompts masked)")
+    print(f"- generate: greedy, prompt {prompt_len} tokens, {new_tokens} new tokens, batch 1 and {gen_batch}")
+    print(f"- {threads} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, compile={compile}")
+    print(f"- {versions()}")
+    print(f"- load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    peaks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lit-llama-bench-") as tmp:
+        tmp = Path(tmp)
+        write_weights(config, tmp, dtypes)
+        for name in dtypes:
+            peaks[name] = matmul_peak_flops(DTYPES[name])
+        plan = [
+            (rep, task, name, impl)
+            for rep in range(repeats) for task in task_list for name in dtypes
+            for impl in (IMPLS if rep % 2 == 0 else IMPLS[::-1])
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        for rep, task, name, impl in tqdm(plan, desc="benchmark", unit="run", file=sys.stderr):
+            spec = dict(impl=impl, task=task, dtype=name, lit_dir=str(tmp / f"lit-{name}"), hf_dir=str(tmp / f"hf-{name}"),
+                        vocab_size=config.vocab_size, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup,
+                        prompt_len=prompt_len, new_tokens=new_tokens, gen_batch=gen_batch, threads=threads,
+                        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, compile=compile,
+                        result=str(tmp / f"result-{rep}-{task}-{name}-{impl}.json"))
+            spec_path = tmp / f"spec-{rep}-{task}-{name}-{impl}.json"
+            spec_path.write_text(json.dumps(spec))
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{impl} {task} {name} run failed:\n{proc.stderr[-4000:]}")
+            results.setdefault((task, name, impl), []).append(json.loads(Path(spec["result"]).read_text()))
+        for name in dtypes:  # the peak again, after the runs: the load may have changed
+            peaks[name] = max(peaks[name], matmul_peak_flops(DTYPES[name]))
+    load_after = os.getloadavg()
+
+    report = make_report(results, peaks, config, task_list, dtypes, batch_size, seq_len, prompt_len, new_tokens, gen_batch)
+    print(f"- matmul peak ({threads} threads, 2048^3): " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
+    print(f"- load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
+    print()
+    print(report["table"])
+    for line in report["notes"]:
+        print(line)
+    if json_out is not None:
+        from lit_llama.checkpoint import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(
+            {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "rows": report["rows"]}, indent=2))
+    return report
+
+
+def _param_count(config: LLaMAConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LLaMA(config).parameters())
+
+
+def make_report(results, peaks, config, task_list, dtypes, batch_size, seq_len, prompt_len, new_tokens, gen_batch) -> dict[str, Any]:
+    """The markdown table (one row per task, dtype and metric) and notes on parity."""
+    N, L, C = matmul_params(config), config.n_layer, config.n_embd
+    train_flops = 4 * N + 6 * L * seq_len * C  # per token
+    gen_flops = 2 * N + 4 * L * (prompt_len + new_tokens / 2) * C
+    rows: list[dict[str, Any]] = []
+
+    lines = ["| task | dtype | metric | ours min / median / max | transformers+PEFT min / median / max | ours/ref min / median / max |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for task in task_list:
+        for name in dtypes:
+            ours, ref = results[task, name, "ours"], results[task, name, "reference"]
+            if task == "train":
+                label = f"LoRA train {batch_size}x{seq_len}"
+                metrics = [
+                    ("tokens/s", lambda r: r["tokens_per_s"], 0),
+                    ("first step (s)", lambda r: r["first_step_s"], 2),
+                    ("peak RSS (MiB)", lambda r: r["peak_rss_mib"], 0),
+                    ("MFU (%)", lambda r, n=name: 100 * r["tokens_per_s"] * train_flops / peaks[n], 1),
+                ]
+                batches = [(label, metrics)]
+                notes.append(f"- {name} train: first-step loss ours {ours[0]['loss0']:.4f}, reference {ref[0]['loss0']:.4f} "
+                             "(same weights and batch; LoRA B starts at zero)")
+            else:
+                batches = []
+                for key, label in (("decode", "greedy decode B=1"), ("batch", f"greedy generate B={gen_batch}")):
+                    batches.append((label, [
+                        ("tokens/s", lambda r, k=key: r[k]["tokens_per_s"], 1),
+                        ("time to first token (ms)", lambda r, k=key: 1000 * r[k]["ttft_s"], 1),
+                        ("MFU (%)", lambda r, k=key, n=name: 100 * r[k]["tokens_per_s"] * gen_flops / peaks[n], 2),
+                    ]))
+                batches.append(("generate (both runs)", [("peak RSS (MiB)", lambda r: r["peak_rss_mib"], 0)]))
+                same = sum(1 for _ in _common_prefix(ours[0]["decode"]["tokens"], ref[0]["decode"]["tokens"]))
+                notes.append(f"- {name} decode: ours and reference agree on the first {same} of {new_tokens} greedy tokens")
+                single = [r["decode"]["tokens_per_s"] for r in ours]
+                batched = [r["batch"]["tokens_per_s"] for r in ours]
+                notes.append(f"- {name} ours: generating {gen_batch} prompts at once gives "
+                             f"{statistics.median(batched) / statistics.median(single):.2f}x the tokens/s of one prompt")
+            for label, metrics in batches:
+                for metric, get, digits in metrics:
+                    o, f = [get(r) for r in ours], [get(r) for r in ref]
+                    ratio = [a / b for a, b in zip(o, f)]
+                    rows.append(dict(task=label, dtype=name, metric=metric, ours=summary(o), reference=summary(f), ratio=summary(ratio)))
+                    lines.append(f"| {label} | {name} | {metric} | {fmt(o, digits)} | {fmt(f, digits)} | {fmt(ratio, 2)} |")
+    return dict(table="\n".join(lines), notes=notes, rows=rows)
+
+
+def _common_prefix(a: list[int], b: list[int]):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
+
+
+if __name__ == "__main__":
+    run(main)
