@@ -19,7 +19,10 @@ setup(
         "tqdm>=4.60",  # progress bars (already a dependency of lightning)
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4"],
-        "all": ["huggingface_hub>=0.20", "matplotlib>=3.6"],
+        # transformers and peft are the references the tests compare against; matplotlib draws loss.png
+        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4", "matplotlib>=3.6"],
+        "plot": ["matplotlib>=3.6"],  # loss.png beside every training run's metrics.csv
+        "bench": ["transformers>=4.40", "peft>=0.10"],  # scripts/benchmark.py's reference implementation
+        "all": ["huggingface_hub>=0.20", "matplotlib>=3.6", "transformers>=4.40", "peft>=0.10"],
     },
 )

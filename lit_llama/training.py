@@ -111,6 +111,68 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum().clamp(min=1)
 
 
+def masked_next_token_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 128
+) -> torch.Tensor:
+    """`next_token_loss(model(input_ids), labels)`, computed without the logits nobody needs.
+
+    An instruction sample's prompt and padding carry label -100: often half the positions. Only the
+    others go through the head, the model's largest matmul (C x V), and with a frozen plain head
+    (LoRA finetuning) their fp32 log-probabilities exist one chunk of `chunk_size` rows at a time
+    (`FrozenHeadCrossEntropy`) instead of as one (B*T, V) fp32 tensor, plus its gradient.
+    `model` is a LLaMA, possibly wrapped (Fabric, DDP): it must accept `return_hidden=True`.
+    """
+    hidden = model(input_ids, return_hidden=True)  # (B, T, C)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != -100
+    hidden, targets = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    head = model.lm_head
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad:
+        total = FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
+    else:  # a head with LoRA, or trained in full: plain autograd through it
+        total = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    # No target at all (every response cut off): 0 with a graph, not the NaN of 0/0.
+    return total / targets.numel() if targets.numel() else total * 0.0
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i) for a frozen head W (N, C) -> scalar, chunk by chunk.
+
+    The forward also computes the gradient with respect to the hidden states, (softmax - one_hot) W,
+    while each chunk's softmax is at hand, so the backward needs no logits and recomputes nothing:
+    no (n, V) fp32 tensor outlives its loop iteration. W gets no gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        weight = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, C); none in validation
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]  # (n, C), (n,)
+            logprobs = (h @ weight.T).float().log_softmax(-1)  # (n, V), fp32 for the softmax
+            total -= logprobs.gather(1, t[:, None]).sum()
+            if grad_hidden is not None:
+                grad_logits = logprobs.exp_()  # softmax, in place of the log-probs
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1  # d CE / d logits
+                grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight  # (n, C)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def batch_loss(fabric: L.Fabric, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training/validation loss of one micro-batch. Sharded strategies (FSDP, DeepSpeed) gather a
+    module's weights only inside the wrapped forward, so there the head stays inside it (full logits)."""
+    if is_fsdp(fabric) or is_deepspeed(fabric):
+        return next_token_loss(model(batch["input_ids"]), batch["labels"])
+    with fabric.autocast():  # the head runs outside the wrapped forward, under the same precision
+        return masked_next_token_loss(model, batch["input_ids"], batch["labels"])
+
+
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoader, max_iters: int) -> float:
     model.eval()
@@ -118,7 +180,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, loader: DataLoader, max_i
     for i, batch in enumerate(loader):
         if i >= max_iters:
             break
-        losses.append(next_token_loss(model(batch["input_ids"]), batch["labels"]))
+        losses.append(batch_loss(fabric, model, batch))
     model.train()
     loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
     return fabric.all_reduce(loss, reduce_op="mean").item()
@@ -395,7 +457,7 @@ def fit(
                     break
                 is_accumulating = (micro_step + 1) % accum != 0
                 with fabric.no_backward_sync(model, enabled=is_accumulating):
-                    loss = next_token_loss(model(batch["input_ids"]), batch["labels"])
+                    loss = batch_loss(fabric, model, batch)
                     fabric.backward(loss / accum)
                 running_loss.append(loss.detach())
                 micro_in_epoch = micro_step + 1
@@ -451,7 +513,35 @@ def fit(
         f"Done: {step} steps, {tokens} trained tokens in {elapsed:.1f} s ({result['tokens_per_sec']:.0f} tokens/s), "
         f"final val loss {last_val:.4f}"
     )
+    if fabric.global_rank == 0:
+        fabric.print(plot_loss_curve(metrics.rows, out_dir / "loss.png"))
     return result
+
+
+def plot_loss_curve(rows: list[dict[str, Any]], png: Path) -> str:
+    """Draw train and validation loss against the step into `png` (written atomically); returns a
+    line saying where, or why not. matplotlib is optional (`pip install matplotlib`); without it
+    the numbers stay in metrics.csv beside the PNG's place."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    except ImportError:
+        return f"Loss curve not drawn: matplotlib is not installed (pip install matplotlib); the losses are in {png.parent / 'metrics.csv'}"
+    from lit_llama.checkpoint import atomic_path
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for key, label, style in (("train_loss", "train", "-"), ("val_loss", "validation", "o:")):
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), float) and math.isfinite(row[key])]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=4)
+    ax.set(xlabel="optimizer step", ylabel="loss (mean next-token cross-entropy)", title=str(png.parent))
+    ax.set_yscale("log")  # the first steps fall by 10x; the interesting part is the tail
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return f"Loss curve: {png}"
 
 
 # ----------------------------------------------------------------- pieces the finetune scripts share

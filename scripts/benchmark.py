@@ -23,8 +23,9 @@ same dtype and thread count, best of several): training counts 4 N + 6 L T C FLO
 is negligible), generation 2 N + 4 L S C, with N the matmul weights (head included, embedding
 not), L layers, T the sequence, S the average context, C the width.
 
-"ours" is a training step written here the way finetune/lora.py runs one, so that proposed changes
-to lit_llama.training can be measured before they land (see howto/performance.md).
+"ours" is the training step of lit_llama.training.fit without Fabric around it: the model's forward,
+`masked_next_token_loss` (the head and the fp32 softmax only on unmasked positions, chunk by chunk),
+backward, AdamW.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from lit_llama.cli import run
@@ -127,51 +127,9 @@ def write_weights(config: LLaMAConfig, out: Path, dtypes: list[str], seed: int =
 
 
 # ----------------------------------------------------------------------------------- ours: training
-def next_token_loss_skip_masked(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not -100 (the proposed
-    lit_llama.training.next_token_loss_skip_masked): the head runs only on those positions, and with a frozen
-    plain head the (positions, V) fp32 logits exist one chunk at a time (see `HeadCrossEntropy`)."""
-    hidden = model(input_ids, return_hidden=True)  # (B, T, C)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
-    head = getattr(model, "module", model).lm_head
-    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad:
-        total = HeadCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
-    else:  # a head with LoRA or trained in full: autograd through its own forward
-        total = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return total / targets.numel() if targets.numel() else total * 0.0
-
-
-class HeadCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, t_i) for a frozen head W, chunk by chunk. The forward also computes the
-    gradient with respect to h (softmax - one_hot) @ W, so the backward needs no logits: no chunk's
-    (n, V) fp32 logits outlive its loop iteration, and no matmul is recomputed."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        weight = weight.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, C); none for validation
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logprobs = (h @ weight.T).float().log_softmax(-1)  # (n, V), fp32 for the softmax
-            total -= logprobs.gather(1, t[:, None]).sum()
-            if grad_hidden is not None:
-                grad_logits = logprobs.exp_()  # d CE / d logits = softmax - one_hot, in place of the log-probs
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-                grad_hidden[start:start + chunk_size] = grad_logits.to(h.dtype) @ weight  # (n, C)
-        ctx.save_for_backward(grad_hidden)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
-
-
 def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.lora import LoRAConfig, load_lora_model, mark_only_lora_as_trainable
+    from lit_llama.training import masked_next_token_loss
 
     dtype = DTYPES[spec["dtype"]]
     lora = LoRAConfig(r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=spec["lora_dropout"], query=True, value=True)
@@ -184,7 +142,7 @@ def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
 
     def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = next_token_loss_skip_masked(forward, input_ids, labels)
+            loss = masked_next_token_loss(forward, input_ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -325,7 +283,7 @@ def versions() -> str:
 def main(
     preset: Literal["134M", "tiny"] = "134M",
     dtype: Literal["bf16", "fp32", "both"] = "both",
-    tasks: Literal["train", "generate", "all"] = "all",
+    tasks: Literal["train", "generate", "multi_adapter", "all"] = "all",
     batch_size: int = 4,
     seq_len: int = 256,
     steps: int = 5,
@@ -347,7 +305,8 @@ def main(
     Args:
         preset: Model size: 134M (the issue's reference LLaMA, vocab 32000, 12 x 768) or tiny (a smoke test).
         dtype: bf16 (bf16 base weights, fp32 LoRA, autocast), fp32, or both.
-        tasks: train (LoRA finetuning steps), generate (greedy decoding, batch 1 and gen_batch), or all.
+        tasks: train (LoRA finetuning steps), generate (greedy decoding, batch 1 and gen_batch), multi_adapter
+            (ours only: gen_batch rows over 8 different unmerged adapters vs one merged adapter), or all.
         batch_size: Training micro-batch size (sequences per step).
         seq_len: Training sequence length in tokens.
         steps: Timed training steps per run (after the warmup steps).
@@ -383,7 +342,9 @@ def main(
             f"block_size {config.block_size}; use shorter sequences"
         )
     dtypes = ["bf16", "fp32"] if dtype == "both" else [dtype]
-    task_list = ["train", "generate"] if tasks == "all" else [tasks]
+    task_list = ["train", "generate", "multi_adapter"] if tasks == "all" else [tasks]
+    multi_adapter = "multi_adapter" in task_list
+    task_list = [t for t in task_list if t != "multi_adapter"]  # the side-by-side tasks
     torch.set_num_threads(threads)
 
     n_params = _param_count(config)
@@ -402,7 +363,8 @@ def main(
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lit-llama-bench-") as tmp:
         tmp = Path(tmp)
-        write_weights(config, tmp, dtypes)
+        if task_list:
+            write_weights(config, tmp, dtypes)
         for name in dtypes:
             peaks[name] = matmul_peak_flops(DTYPES[name])
         plan = [
@@ -424,6 +386,8 @@ def main(
             if proc.returncode != 0:
                 raise RuntimeError(f"{impl} {task} {name} run failed:\n{proc.stderr[-4000:]}")
             results.setdefault((task, name, impl), []).append(json.loads(Path(spec["result"]).read_text()))
+        multi = {name: measure_multi_adapter(config, name, gen_batch, prompt_len, new_tokens, repeats, lora_r, lora_alpha, env)
+                 for name in (dtypes if multi_adapter else [])}
         for name in dtypes:  # the peak again, after the runs: the load may have changed
             peaks[name] = max(peaks[name], matmul_peak_flops(DTYPES[name]))
     load_after = os.getloadavg()
@@ -432,15 +396,48 @@ def main(
     print(f"- matmul peak ({threads} threads, 2048^3): " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
     print(f"- load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
     print()
-    print(report["table"])
+    if task_list:
+        print(report["table"])
     for line in report["notes"]:
         print(line)
+    for name, runs in multi.items():
+        ratio = [r["ratio"] for r in runs]
+        print(f"- {name} ours, {gen_batch} rows over 8 different unmerged adapters vs {gen_batch} rows over one merged "
+              f"adapter (greedy, {new_tokens} new tokens): {fmt([r['multi_tokens_per_s'] for r in runs], 1)} vs "
+              f"{fmt([r['merged_tokens_per_s'] for r in runs], 1)} tokens/s, ratio {fmt(ratio, 2)} (min / median / max)")
+    report["multi_adapter"] = multi
     if json_out is not None:
         from lit_llama.checkpoint import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(
-            {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "rows": report["rows"]}, indent=2))
+            {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "rows": report["rows"],
+             "multi_adapter": multi}, indent=2))
     return report
+
+
+def measure_multi_adapter(config: LLaMAConfig, dtype: str, rows: int, prompt_len: int, new_tokens: int, repeats: int,
+                          lora_r: int, lora_alpha: float, env: dict[str, str]) -> list[dict[str, float]]:
+    """lit_llama.multi_lora.benchmark_multi_adapter, each repeat in its own subprocess like every other run."""
+    code = (
+        "import json, sys, torch; from lit_llama.model import LLaMAConfig; from lit_llama.lora import LoRAConfig; "
+        "from lit_llama.multi_lora import benchmark_multi_adapter; a = json.loads(sys.argv[1]); "
+        "print(json.dumps(benchmark_multi_adapter(LLaMAConfig(**a['config']), n_rows=a['rows'], n_adapters=8, "
+        "lora=LoRAConfig(r=a['r'], alpha=a['alpha'], dropout=0.0), prompt_length=a['prompt_len'], "
+        "max_new_tokens=a['new_tokens'], dtype=getattr(torch, a['dtype']), repeats=1)))"
+    )
+    args = json.dumps(dict(config=_plain_config(config), rows=rows, r=lora_r, alpha=lora_alpha, prompt_len=prompt_len,
+                           new_tokens=new_tokens, dtype=str(DTYPES[dtype]).removeprefix("torch.")))
+    runs = []
+    for _ in tqdm(range(repeats), desc=f"multi-adapter {dtype}", unit="run", file=sys.stderr):
+        proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"multi-adapter {dtype} run failed:\n{proc.stderr[-4000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _plain_config(config: LLaMAConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in BENCH_PRESETS["tiny"]}
 
 
 def _param_count(config: LLaMAConfig) -> int:

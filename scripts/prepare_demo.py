@@ -12,9 +12,10 @@ runs offline and two runs with the same seed write byte-identical files:
 The split of work between the two stages is the point of the demo. The corpus teaches the knowledge:
 where each person of the world lives, their favorite color, pet and job; sums of small numbers; a
 table of opposites. It always shows an answer in quotes inside a sentence (`Answer: "Oakvale".`),
-never in the instruction format. The instruction set teaches only the format: after "### Response:"
-give the bare short answer and stop. So a pretrained base model knows the answers but does not
-follow the format, and a LoRA adapter learns the format in a minute.
+never bare at the start of a line. The instruction set teaches only the format: after the question
+and a newline (the quickstart's "plain" prompt; Alpaca's "### Response:" works the same way) give
+the bare short answer and stop. So a pretrained base model knows the answers but answers in a
+sentence and goes on talking (exact match 0%), and a LoRA adapter learns the format in seconds.
 
 Task types (the "task" field), all answered from what the corpus taught:
     facts     "Where does Mira live?" about the world's people
@@ -23,9 +24,9 @@ Task types (the "task" field), all answered from what the corpus taught:
 Half of each task's questions are held out for test.json; training asks only the other half.
 
 Why quotes: SentencePiece marks a word that follows a space with "▁", so "in Oakvale" ends in the
-piece "▁Oakvale", while "### Response:Oakvale" (Alpaca's template puts no space after the colon)
-ends in "Oakvale". A quote is followed by the unmarked pieces too, so the corpus teaches the answers
-in exactly the pieces the model has to produce after "### Response:". (Measured: a 1M-parameter
+piece "▁Oakvale", while an answer at the start of a line (or after "### Response:", which Alpaca's
+template ends without a space) is "Oakvale". A quote is followed by the unmarked pieces too, so the
+corpus teaches the answers in exactly the pieces the model has to produce. (Measured: a 1M-parameter
 model did not learn to copy answers from an instruction's input within the demo's pretraining
 budget, so every task here asks for knowledge the corpus states, which it learns quickly.)
 """
@@ -104,11 +105,11 @@ def opposite_table() -> dict[str, str]:
 # "\n\n### Response:" there; varying gaps and lead-ins teach the model to find the question by its
 # content, not at a fixed distance, and to answer after a colon as well as after "is".
 GAPS = ("", "", " Think about it.", " Let me see.", "\n", " Take your time.\n", " Here is a hint. Think it through.")
-LEAD_INS = ("The answer is", "The answer is", "Answer:", "It is")
+LEAD_INS = ("The answer is ", "The answer is ", "Answer: ", "It is ", "")
 
 
 def quoted(question: str, answer: str, rng: random.Random) -> str:
-    return f'{question}{rng.choice(GAPS)} {rng.choice(LEAD_INS)} "{answer}".'
+    return f'{question}{rng.choice(GAPS)} {rng.choice(LEAD_INS)}"{answer}".'
 
 
 def fact_question(person: str, rel: str) -> str:
@@ -205,9 +206,9 @@ def corpus_documents(rng: random.Random, world: World, n_docs: int, max_operand:
     docs = []
     for _ in range(n_docs):
         r = rng.random()
-        if r < 0.35:
+        if r < 0.45:
             docs.append(facts_document(rng, world))
-        elif r < 0.8:
+        elif r < 0.7:
             docs.append(sum_document(rng, max_operand))
         else:
             docs.append(opposite_document(rng, table))
