@@ -19,6 +19,7 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_into, load_model, save_checkpoint
 from lit_llama.cli import run
+from lit_llama.data import dataset_special_tokens
 from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
@@ -77,6 +78,9 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")
+    if dataset_special_tokens(data_meta):
+        raise ValueError(f"{data_dir} was prepared with special tokens, which need a grown vocabulary: finetune it with "
+                         "finetune/lora.py (it grows and trains the embedding and head), or prepare it without --special_tokens")
 
     fsdp = strategy == "fsdp"
     if fsdp:  # on the meta device; FSDP materialises and shards it Block by Block, then the weights are copied in

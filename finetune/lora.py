@@ -11,6 +11,7 @@ an uninterrupted one (see lit_llama/resume.py). Several GPUs: `--devices N --str
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME, load_config
 from lit_llama.cli import run
+from lit_llama.data import dataset_special_tokens
 from lit_llama.lora import (
     LoRAConfig,
     adapter_metadata,
@@ -29,6 +31,7 @@ from lit_llama.lora import (
     save_adapter,
     write_adapter,
 )
+from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import (
     Strategy,
@@ -133,6 +136,13 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")
+    special_tokens = dataset_special_tokens(data_meta)
+    if special_tokens:
+        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, special_tokens)
+        lora_cfg = grow_for_special_tokens(lora_cfg, config, tokenizer)
+        fabric.print(f"{len(special_tokens)} special tokens from the data ({', '.join(special_tokens)}): vocabulary "
+                     f"{config.vocab_size} -> {lora_cfg.resize_vocab}, embedding and head trained "
+                     f"({'fully' if lora_cfg.train_embedding else 'by LoRA'})")
 
     fsdp = strategy == "fsdp"
     if fsdp:
@@ -163,16 +173,33 @@ def main(
         if fsdp:  # every rank takes part in gathering the LoRA shards; rank 0 writes one whole adapter
             tensors = gather_parameters(fabric, model, keep=is_lora_key)
             if fabric.global_rank == 0:
-                write_adapter(tensors, path, adapter_metadata(lora_cfg, config, prompt_style))
+                write_adapter(tensors, path, adapter_metadata(lora_cfg, config, prompt_style, special_tokens=special_tokens))
         elif fabric.global_rank == 0:
             save_adapter(model.module if hasattr(model, "module") else model, path, lora_cfg, prompt_style=prompt_style,
-                         save_embedding_layers=save_embedding_layers)
+                         save_embedding_layers=save_embedding_layers, special_tokens=special_tokens)
         fabric.print(f"Saved adapter to {path}")
         fabric.barrier()
 
     sample = instruction_sampler(tokenizer, prompt_style, sample_instruction)
     return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="lit_model",
                resume=resume)
+
+
+def grow_for_special_tokens(lora: LoRAConfig, config: LLaMAConfig, tokenizer: Tokenizer) -> LoRAConfig:
+    """The LoRAConfig that gives the data's special tokens rows to learn: the vocabulary grown to
+    the tokenizer's (resize_vocab), and the embedding and head trained fully (--train_embeddings)
+    unless LoRA on the embedding already adapts them."""
+    pieces = tokenizer.processor.vocab_size()
+    if pieces != config.vocab_size:
+        raise ValueError(f"the tokenizer has {pieces} pieces but the checkpoint's vocabulary is {config.vocab_size}: "
+                         "special tokens get the ids after the vocabulary, so the two must agree; use the checkpoint's tokenizer")
+    needed = tokenizer.vocab_size
+    if lora.resize_vocab is not None and lora.resize_vocab < needed:
+        raise ValueError(f"--resize_vocab {lora.resize_vocab} leaves no row for some of the {len(tokenizer.special_tokens)} "
+                         f"special tokens (they need {needed}); drop --resize_vocab or raise it")
+    train_full = not (lora.train_embedding or lora.embedding)  # new rows that nothing trains would stay the mean
+    return dataclasses.replace(lora, resize_vocab=lora.resize_vocab or needed,
+                               train_embedding=lora.train_embedding or train_full, train_head=lora.train_head or train_full)
 
 
 if __name__ == "__main__":

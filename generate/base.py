@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_model
+from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run
 from lit_llama.generation import decode_one_token, generate
 from lit_llama.tokenizer import Tokenizer
@@ -77,7 +77,7 @@ def main(
         raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
     torch.manual_seed(seed)
     load_config(checkpoint_dir)  # names a wrong folder as such, before the tokenizer inside it is missed
-    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, tokenizer_path)
 
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device)

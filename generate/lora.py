@@ -70,7 +70,7 @@ def main(
     lora_path = paths[0]
     _, meta = load_adapter(lora_path)
     style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca")
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens)  # with the tokens the adapter added
 
     t0 = time.perf_counter()
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
@@ -98,9 +98,12 @@ def generate_many(
     top_k: int | None, top_p: float | None, precision: str, device: torch.device, prompt_style: str | None,
 ) -> list[str]:
     """One answer per adapter, all adapters unmerged over one base in one batch (lit_llama/multi_lora.py)."""
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
     t0 = time.perf_counter()
     model, metas = load_multi_lora_model(checkpoint_dir, paths, device=device)
+    if len({meta.special_tokens for meta in metas}) > 1:
+        raise ValueError("the adapters add different special tokens to the tokenizer, so their prompts cannot share one "
+                         "batch; generate with each adapter on its own")
+    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, metas[0].special_tokens)
     model = model.to(PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} + {len(paths)} adapters in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     # Each adapter gets the prompt in its own template: row k is adapter k.

@@ -306,6 +306,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def dataset_special_tokens(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """The special tokens a prepared dataset's records were tokenized with (none: ())."""
+    return tuple(json.loads(metadata.get("special_tokens") or "[]"))
+
+
 def prepare_instruction_data(
     records: Sequence[dict],
     destination_path: Path | str,
@@ -317,9 +322,14 @@ def prepare_instruction_data(
     mask_inputs: bool = True,
     seed: int = 42,
     prompt_style: str | PromptStyle = "alpaca",
+    special_tokens: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Split, tokenize and write records (dicts with instruction/output and optional input) to
     destination_path/{train,test}.safetensors plus prepare_meta.json; returns that summary.
+
+    `special_tokens` extend the tokenizer (lit_llama/tokenizer.py): each occurrence in the records
+    becomes one new id. The list is stored with the data; finetune/lora.py grows the embedding and
+    head to match, trains them, and stores the list in the adapter.
 
     Everything is checked and tokenized before the first file is written, so a bad input leaves
     destination_path as it was.
@@ -338,10 +348,12 @@ def prepare_instruction_data(
         raise FileNotFoundError(f"tokenizer {str(tokenizer_path)!r} does not exist; pass --checkpoint_dir (a folder with "
                                 f"{TOKENIZER_NAME}) or --tokenizer_path")
     train, test = split_train_test(records, test_size, seed)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path, special_tokens)
     common = {"prompt_style": style.name, "max_seq_length": max_seq_length, "mask_inputs": mask_inputs,
               "tokenizer_vocab_size": tokenizer.vocab_size, "tokenizer_sha256": _sha256(tokenizer_path),
               "source": source, "seed": seed}
+    if special_tokens:  # only when given, so that data prepared without them reads as before
+        common["special_tokens"] = json.dumps(list(special_tokens))
 
     stats: dict[str, dict[str, int]] = {}
     encoded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -39,6 +39,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -639,6 +640,7 @@ class AdapterMeta:
     base_fingerprint: str | None = None
     base_config: dict[str, Any] | None = None
     embedding_layers: tuple[str, ...] = ()
+    special_tokens: tuple[str, ...] = ()  # tokens added to the tokenizer, in id order (lit_llama/tokenizer.py)
 
 
 def adapter_tensors(
@@ -678,7 +680,8 @@ def adapter_tensors(
 
 
 def adapter_metadata(
-    lora: LoRAConfig, base_config: LLaMAConfig, prompt_style: str | None = None, embedding_layers: tuple[str, ...] = ()
+    lora: LoRAConfig, base_config: LLaMAConfig, prompt_style: str | None = None, embedding_layers: tuple[str, ...] = (),
+    special_tokens: Sequence[str] = (),
 ) -> dict[str, str]:
     """The strings an adapter file stores about itself (its safetensors header)."""
     ranks = {name: rank for name, rank in zip(TARGETS, lora.slice_ranks) if rank and rank != lora.r}
@@ -694,6 +697,7 @@ def adapter_metadata(
         "resize_vocab": "" if lora.resize_vocab is None else str(lora.resize_vocab),
         "pad_id": "" if lora.pad_id is None else str(lora.pad_id),
         "embedding_layers": ",".join(embedding_layers),
+        "special_tokens": json.dumps(list(special_tokens)) if special_tokens else "",
         "prompt_style": prompt_style or "",
         "base_fingerprint": base_fingerprint(base_config),
         "base_config": json.dumps(base_shape(base_config), sort_keys=True),
@@ -717,6 +721,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], path: Path | str, meta: dict
 def save_adapter(
     model: LLaMA, path: Path | str, lora: LoRAConfig, base_config: LLaMAConfig | None = None,
     prompt_style: str | None = None, save_embedding_layers: SaveEmbeddingLayers | bool = "auto",
+    special_tokens: Sequence[str] = (),
 ) -> Path:
     """Write what was trained (`adapter_tensors`) and what is needed to use it (r, alpha, dropout,
     targets, ranks, embedding options, prompt style, the base's fingerprint) to a .safetensors file
@@ -735,7 +740,7 @@ def save_adapter(
         )
     tensors = adapter_tensors(model, lora, save_embedding_layers)
     embedding_layers = tuple(k for k in tensors if not is_lora_key(k))
-    meta = adapter_metadata(lora, base_config or model.config, prompt_style, embedding_layers)
+    meta = adapter_metadata(lora, base_config or model.config, prompt_style, embedding_layers, special_tokens)
     return write_adapter(tensors, path, meta)
 
 
@@ -758,9 +763,13 @@ def _meta_from_strings(meta: dict[str, str], path: Path) -> AdapterMeta:
         )
         base_config = json.loads(meta["base_config"]) if meta.get("base_config") else None
         layers = tuple(k for k in meta.get("embedding_layers", "").split(",") if k)
+        special = tuple(json.loads(meta["special_tokens"])) if meta.get("special_tokens") else ()
+        if not all(isinstance(t, str) for t in special):
+            raise TypeError("special_tokens is not a list of strings")
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path} has broken adapter metadata ({type(e).__name__}: {e}); save the adapter again") from None
-    return AdapterMeta(lora, meta.get("prompt_style") or None, meta.get("base_fingerprint") or None, base_config, layers)
+    return AdapterMeta(lora, meta.get("prompt_style") or None, meta.get("base_fingerprint") or None, base_config, layers,
+                       special)
 
 
 def _raw_meta(state_dict: dict[str, torch.Tensor], path: Path) -> AdapterMeta:

@@ -20,20 +20,20 @@ from lit_llama.checkpoint import TOKENIZER_NAME, atomic_write_text, load_model
 from lit_llama.cli import run
 from lit_llama.data import load_records
 from lit_llama.evaluate import exact_match, perplexity
-from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merge_lora_weights
+from lit_llama.lora import AdapterMeta, apply_adapter, load_adapter, load_lora_model, merge_lora_weights
 from lit_llama.model import LLaMA
 from lit_llama.pretrain_data import load_tokens, read_meta, token_path
 
 
-def load_for_eval(checkpoint_dir: Path, lora_path: Path | None) -> tuple[LLaMA, str | None]:
-    """The model to evaluate (with the adapter merged in fp32) and the adapter's prompt style."""
+def load_for_eval(checkpoint_dir: Path, lora_path: Path | None) -> tuple[LLaMA, AdapterMeta | None]:
+    """The model to evaluate (with the adapter merged in fp32) and the adapter's metadata."""
     if lora_path is None:
         return load_model(checkpoint_dir), None
     _, meta = load_adapter(lora_path)
     model = load_lora_model(checkpoint_dir, meta.lora)
     apply_adapter(model, lora_path)
     merge_lora_weights(model)
-    return model.eval(), meta.prompt_style
+    return model.eval(), meta
 
 
 def evaluate(
@@ -42,7 +42,7 @@ def evaluate(
     max_new_tokens: int = 16, split: str = "val",
 ) -> dict[str, Any]:
     """Everything main() measures, as a dict (the quickstart calls this directly)."""
-    model, adapter_style = load_for_eval(checkpoint_dir, lora_path)
+    model, meta = load_for_eval(checkpoint_dir, lora_path)
     result: dict[str, Any] = {"checkpoint_dir": str(checkpoint_dir), "lora_path": str(lora_path) if lora_path else None}
     if tokens_dir is not None:
         tokens = torch.from_numpy(load_tokens(token_path(tokens_dir, split), read_meta(tokens_dir)["dtype"]).astype("int64"))
@@ -50,9 +50,9 @@ def evaluate(
     if instructions_file is not None:
         from lit_llama.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens) if meta else Tokenizer.from_checkpoint(checkpoint_dir)
         records = load_records(instructions_file)
-        style = prompt_style or adapter_style or "alpaca"
+        style = prompt_style or (meta and meta.prompt_style) or "alpaca"
         result["exact_match"] = exact_match(model, tokenizer, records, style, batch_size, max_new_tokens)
         result["exact_match"]["prompt_style"] = style
     return result

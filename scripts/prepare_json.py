@@ -25,6 +25,7 @@ def main(
     seed: int = 42,
     prompt_style: PromptStyleName = "alpaca",
     tokenizer_path: Path | None = None,
+    special_tokens: list[str] | None = None,
 ) -> dict:
     """Tokenize instruction/input/output records from a JSON list or a JSONL file into train/test files.
 
@@ -38,6 +39,8 @@ def main(
         seed: Seed of the shuffle before the train/test split.
         prompt_style: The prompt template (see lit_llama/prompts.py).
         tokenizer_path: A SentencePiece .model file; default: tokenizer.model in checkpoint_dir.
+        special_tokens: New tokens the records use, e.g. '["<|user|>", "<|assistant|>"]': each gets one new
+            id; finetune/lora.py then grows and trains the embedding and head (howto/lora_targets.md).
     """
     if data_file is None:
         raise ValueError("pass --data_file: a .json list of records or a .jsonl file with one record per line")
@@ -45,6 +48,7 @@ def main(
     return prepare_instruction_data(
         records, destination_path, checkpoint_dir, tokenizer_path, source=data_file.name, test_size=test_size,
         max_seq_length=max_seq_length, mask_inputs=mask_inputs, seed=seed, prompt_style=prompt_style,
+        special_tokens=special_tokens or (),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from lit_llama.checkpoint import load_model, save_checkpoint
 from lit_llama.lora import apply_adapter, load_adapter, load_lora_model
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
+from lit_llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -89,6 +90,47 @@ def test_lora_finetune_trains_saves_only_lora_and_generates(workdir):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), unmerged(x), rtol=0, atol=1e-5)
         assert (merged(x) - load_model(workdir / "base")(x)).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_special_tokens_grow_the_vocabulary_train_their_rows_and_travel_with_the_adapter(workdir, tmp_path):
+    records = [{"instruction": f"<|user|>Name color number {i}.", "input": "", "output": f"Color {i % 3}<|end|>"}
+               for i in range(24)]
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    run("scripts/prepare_json.py", "--data_file", tmp_path / "chat.json", "--checkpoint_dir", workdir / "base",
+        "--destination_path", tmp_path / "data", "--test_size", 4, "--max_seq_length", 64,
+        "--special_tokens", '["<|user|>", "<|end|>"]')
+    prepared = json.loads((tmp_path / "data" / "prepare_meta.json").read_text())
+    assert json.loads(prepared["special_tokens"]) == ["<|user|>", "<|end|>"] and prepared["tokenizer_vocab_size"] == 32002
+
+    out = tmp_path / "lora"
+    proc = run("finetune/lora.py", "--data_dir", tmp_path / "data", "--checkpoint_dir", workdir / "base", "--out_dir", out,
+               "--precision", "32-true", "--accelerator", "cpu", "--train.max_iters", 4, "--train.batch_size", 4,
+               "--train.micro_batch_size", 4, "--train.learning_rate", 1e-2, "--train.warmup_steps", 1,
+               "--train.eval_interval", 4, "--train.eval_iters", 1)
+    assert "2 special tokens from the data" in proc.stdout + proc.stderr
+    tensors, meta = load_adapter(out / "lit_model.lora.safetensors")
+    assert meta.special_tokens == ("<|user|>", "<|end|>") and meta.lora.resize_vocab == 32002
+    assert meta.lora.train_embedding and meta.lora.train_head
+    base = load_model(workdir / "base")
+    wte, head = tensors["transformer.wte.weight"], tensors["lm_head.weight"]
+    assert wte.shape == head.shape == (32002, base.config.n_embd)
+    start = base.transformer.wte.weight.mean(0)  # where the new rows began (resize_token_embeddings)
+    assert (wte[32000] - start).abs().max() > 1e-3 and (wte[32001] - start).abs().max() > 1e-3  # they were trained
+
+    # generate/lora.py builds the tokenizer with the adapter's special tokens: "<|end|>" is one id again.
+    gen = run("generate/lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", out / "lit_model.lora.safetensors",
+              "--prompt", "<|user|>Name color number 3.", "--max_new_tokens", 4, "--temperature", 0, "--accelerator", "cpu")
+    assert "tokens/s" in gen.stderr
+    # Merged, the checkpoint keeps the list beside tokenizer.model, for generate/base.py and evaluate.py.
+    run("scripts/merge_lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", out / "lit_model.lora.safetensors",
+        "--output_dir", tmp_path / "merged")
+    assert Tokenizer.from_checkpoint(tmp_path / "merged").encode("<|user|>Hi<|end|>", bos=False).tolist()[::2] == [32000, 32001]
+    assert load_model(tmp_path / "merged").config.vocab_size == 32002
+    full = subprocess.run([sys.executable, "finetune/full.py", "--data_dir", str(tmp_path / "data"), "--checkpoint_dir",
+                           str(workdir / "base"), "--out_dir", str(tmp_path / "full"), "--accelerator", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert full.returncode != 0 and "Traceback" not in full.stderr
+    assert "special tokens" in full.stderr.strip().splitlines()[-1]
 
 
 def test_full_finetune_writes_a_loadable_checkpoint_and_learns(workdir):

@@ -104,3 +104,42 @@ def test_train_round_trip_and_llama_like_settings(tmp_path):
         ids = tok.encode(text, bos=True, eos=True)
         assert ids.tolist() == [1] + sp.encode(text) + [2]
         assert tok.decode(ids) == text
+
+
+SPECIAL = ("<|user|>", "<|assistant|>", "<|user|>!")  # the last one starts like the first: longest wins
+
+
+@pytest.mark.parametrize("path", _tokenizer_files())
+def test_special_tokens_take_the_next_ids_and_the_text_between_encodes_as_sentencepiece_does(path):
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    sp = SentencePieceProcessor(model_file=str(path))
+    tok = Tokenizer(path, SPECIAL)
+    n = sp.vocab_size()
+    assert tok.vocab_size == n + 3 and tok.special_ids == {"<|user|>": n, "<|assistant|>": n + 1, "<|user|>!": n + 2}
+    text = "<|user|>Name three colors.<|assistant|> Red, green<|user|>!and blue<|user|>"
+    expected = [n, *sp.encode("Name three colors."), n + 1, *sp.encode(" Red, green"), n + 2, *sp.encode("and blue"), n]
+    assert tok.encode(text, bos=True, eos=True).tolist() == [sp.bos_id(), *expected, sp.eos_id()]
+    # Decoding joins what SentencePiece decodes of each stretch (LLaMA's model gives the text back exactly;
+    # tok512 drops the leading space of " Red", as sp.decode(sp.encode(" Red")) does).
+    segments = ["Name three colors.", " Red, green", "and blue"]
+    decoded = [sp.decode(sp.encode(seg)) for seg in segments]
+    assert tok.decode(expected) == f"<|user|>{decoded[0]}<|assistant|>{decoded[1]}<|user|>!{decoded[2]}<|user|>"
+    if path.name == "llama-tokenizer.model":
+        assert tok.decode(expected) == text
+    assert tok.decode(sp.encode("café 🦙")) == sp.decode(sp.encode("café 🦙"))  # no special id: SentencePiece alone
+    for text in TEXTS:  # text without a special token encodes exactly as before
+        assert tok.encode(text, bos=False).tolist() == sp.encode(text), text
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("<|a|>", "<|a|>"), "repeat"),
+    (("",), "empty"),
+    (("</s>",), "already piece 2"),
+])
+def test_bad_special_tokens_are_one_line_errors(bad, message):
+    path = DATA / "tok512.model"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    with pytest.raises(ValueError, match=message):
+        Tokenizer(path, bad)
