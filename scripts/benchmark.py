@@ -194,10 +194,10 @@ def timed_training(train_step, spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- generation
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.checkpoint import load_model
-    from lit_llama.generation import decode_one_token, generate
+    from lit_llama.generation import compile_decode_step, decode_one_token, generate
 
     model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]])
-    decode_fn = torch.compile(decode_one_token) if spec["compile"] else decode_one_token
+    decode_fn = compile_decode_step("cpu") if spec["compile"] else decode_one_token  # generate/base.py --compile
 
     def run_generate(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
         out = generate(model, prompts, new_tokens, temperature=0.0, decode_fn=decode_fn)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.generation import generate, logits_to_probs
-from lit_llama.model import LLaMA
+from lit_llama.generation import compile_decode_step, generate, logits_to_probs
+from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,3 +169,16 @@ def test_generate_script_prompt_longer_than_context_is_one_error_line(tok512_che
     proc = run_generate("--checkpoint_dir", str(tok512_checkpoint), "--prompt", "Once upon a time " * 40)
     assert_one_line_error(proc)
     assert "context" in proc.stderr
+
+
+def test_compiled_decode_step_generates_the_eager_greedy_tokens():
+    """generate/base.py --compile: the decode step compiled (weights frozen into the graph on CPU)
+    continues a batch of prompts exactly as the eager step does."""
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny")).eval()
+    init_weights(model, std=0.2)  # a spread of logits, so greedy choices are not ties
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9)]
+    eager = generate(model, prompts, 12, temperature=0.0)
+    compiled = generate(model, prompts, 12, temperature=0.0, decode_fn=compile_decode_step("cpu"))
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
