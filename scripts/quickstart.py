@@ -8,7 +8,7 @@
 Every step calls the same `main` the individual script runs (scripts/prepare_demo.py,
 scripts/prepare_text.py, pretrain/base.py, scripts/prepare_json.py, finetune/lora.py,
 scripts/evaluate.py), so what works here works there. Artifacts go to out/quickstart/; a rerun
-skips the steps whose outputs already exist (delete the folder, or pass --fresh, to start over).
+skips the steps whose outputs already exist (delete the folder, or pass --fresh true, to start over).
 """
 
 from __future__ import annotations
