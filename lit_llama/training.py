@@ -524,6 +524,7 @@ def plot_loss_curve(rows: list[dict[str, Any]], png: Path) -> str:
     the numbers stay in metrics.csv beside the PNG's place."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return f"Loss curve not drawn: matplotlib is not installed (pip install matplotlib); the losses are in {png.parent / 'metrics.csv'}"
     from lit_llama.checkpoint import atomic_path
@@ -536,6 +537,8 @@ def plot_loss_curve(rows: list[dict[str, Any]], png: Path) -> str:
             ax.plot(*zip(*points), style, label=label, markersize=4)
     ax.set(xlabel="optimizer step", ylabel="loss (mean next-token cross-entropy)", title=str(png.parent))
     ax.set_yscale("log")  # the first steps fall by 10x; the interesting part is the tail
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(ScalarFormatter())  # 0.6, 2, 4 rather than 6 x 10^-1
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend()

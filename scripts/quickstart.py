@@ -119,6 +119,7 @@ def main(
                                warmup_steps=10, eval_interval=max(1, finetune_iters // 5), eval_iters=4, save_interval=10**9,
                                log_interval=10),
              lora_r=8, lora_alpha=16, lora_dropout=0.0,
+             sample_instruction=json.loads((data / "train.json").read_text())[0]["instruction"],  # shown at each eval
          ), timings)
     adapter = lora_dir / "lit_model.lora.safetensors"
 
