@@ -131,24 +131,10 @@ def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.lora import LoRAConfig, load_lora_model, mark_only_lora_as_trainable
     from lit_llama.training import masked_next_token_loss
 
-    dtype = DTYPES[spec["dtype"]]
     lora = LoRAConfig(r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=spec["lora_dropout"], query=True, value=True)
-    model = load_lora_model(spec["lit_dir"], lora, dtype=dtype)  # LoRA parameters stay fp32
+    model = load_lora_model(spec["lit_dir"], lora, dtype=DTYPES[spec["dtype"]])  # LoRA parameters stay fp32
     mark_only_lora_as_trainable(model)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    forward = torch.compile(model) if spec["compile"] else model
-
-    def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            loss = masked_next_token_loss(forward, input_ids, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return timed_training(train_step, spec)
+    return timed_lora_training(model, lambda forward, ids, labels: masked_next_token_loss(forward, ids, labels), spec)
 
 
 # ------------------------------------------------------------------------------ reference: training
@@ -156,19 +142,25 @@ def reference_train(spec: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    dtype = DTYPES[spec["dtype"]]
-    model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=DTYPES[spec["dtype"]])
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)  # adapters in fp32 on a bf16 base (autocast_adapter_dtype)
+    return timed_lora_training(model, lambda forward, ids, labels: forward(input_ids=ids, labels=labels).loss, spec)
+
+
+def timed_lora_training(model: torch.nn.Module, loss_fn, spec: dict[str, Any]) -> dict[str, Any]:
+    """The same step for both: `loss_fn(forward, input_ids, labels)` under autocast for bf16 (fp32
+    LoRA on bf16 weights), backward, AdamW on the trainable (LoRA) parameters."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    bf16 = DTYPES[spec["dtype"]] == torch.bfloat16
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     forward = torch.compile(model) if spec["compile"] else model
 
     def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = forward(input_ids=input_ids, labels=labels).loss
+            loss = loss_fn(forward, input_ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
