@@ -112,9 +112,11 @@ def main(
         lora_r_query: Rank of the query slice (None: lora_r).
         lora_r_key: Rank of the key slice (None: lora_r).
         lora_r_value: Rank of the value slice (None: lora_r).
-        train_embeddings: Also train the embedding and head matrices in full (one matrix on a tied model).
+        train_embeddings: Also train the embedding and head matrices in full (one matrix on a tied model); on by
+            itself when the data was prepared with --special_tokens (unless lora_embedding trains them).
         untie_embeddings: On a tied model, give the head its own weight (and its own update).
         resize_vocab: Grow the embedding and head to this many tokens; new rows start at the mean embedding.
+            Default: the size the data's special tokens need (prepare_json.py --special_tokens), else no growth.
         pad_id: A new token whose row stays zero and is never updated (needs resize_vocab).
         save_embedding_layers: auto saves embedding/head weights only when trained or grown; true always; false never.
         sample_instruction: The instruction answered after each validation to show progress.
