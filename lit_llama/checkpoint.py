@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 
 from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.tokenizer import TOKENIZER_NAME
 
 CONFIG_NAME = "lit_config.json"
 WEIGHT_NAMES = ("lit_model.safetensors", "lit_model.pth")
-TOKENIZER_NAME = "tokenizer.model"
 
 
 class CheckpointError(ValueError):

@@ -374,13 +374,6 @@ def rope_angles(
     return angles.cos(), angles.sin()
 
 
-def build_rope_cache(
-    seq_len: int, head_size: int, base: float = 10000.0, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cos and sin tables of positions 0..seq_len-1, each (seq_len, hs/2), fp32."""
-    return rope_angles(torch.arange(seq_len, device=device), head_size, base)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2j], x[2j+1]) of each head by angle[p, j] (Meta's convention).
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
+TOKENIZER_NAME = "tokenizer.model"  # a checkpoint directory's SentencePiece model
 SPECIAL_TOKENS_NAME = "special_tokens.json"  # beside tokenizer.model in a checkpoint with a grown vocabulary
 
 
@@ -82,10 +83,10 @@ class Tokenizer:
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        base = self.processor.vocab_size()
-        if not self.special_tokens or all(i < base for i in ids):
+        if not self.special_tokens:
             return self.processor.decode(ids)
         # Runs of ordinary ids decode together (SentencePiece joins their pieces); special ids in between.
+        base = self.processor.vocab_size()
         text, run = [], []
         for i in ids:
             if base <= i < base + len(self.special_tokens):
@@ -101,7 +102,7 @@ class Tokenizer:
         merged adapter left in special_tokens.json (scripts/merge_lora.py), if any."""
         extra = Path(checkpoint_dir) / SPECIAL_TOKENS_NAME
         special = json.loads(extra.read_text()) if extra.is_file() else []
-        return cls(tokenizer_path or Path(checkpoint_dir) / "tokenizer.model", special)
+        return cls(tokenizer_path or Path(checkpoint_dir) / TOKENIZER_NAME, special)
 
     @staticmethod
     def train(input_file: Path | str, destination: Path | str, vocab_size: int = 32000) -> Path:
@@ -109,7 +110,7 @@ class Tokenizer:
         (a .model path, or a directory that receives tokenizer.model) and returns its path."""
         destination = Path(destination)
         if destination.suffix != ".model":
-            destination = destination / "tokenizer.model"
+            destination = destination / TOKENIZER_NAME
         destination.parent.mkdir(parents=True, exist_ok=True)
         if not Path(input_file).is_file():
             raise FileNotFoundError(f"text file {str(input_file)!r} does not exist; pass the corpus to train the tokenizer on")

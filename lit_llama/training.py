@@ -838,11 +838,17 @@ def instruction_sampler(
     tokenizer, prompt_style: str, instruction: str, max_new_tokens: int = 64
 ) -> Callable[[torch.nn.Module], str]:
     """A function that greedily answers `instruction` with the model in training, for eyeballing progress."""
-    from lit_llama.generation import generate
     from lit_llama.prompts import get_prompt_style
 
-    style = get_prompt_style(prompt_style)
-    prompt = style.format(instruction)
+    return greedy_sampler(tokenizer, get_prompt_style(prompt_style).format(instruction), max_new_tokens)
+
+
+def greedy_sampler(
+    tokenizer, prompt: str, max_new_tokens: int, keep_prompt: bool = False
+) -> Callable[[torch.nn.Module], str]:
+    """A function that greedily continues `prompt` with the model in training (the continuation, or
+    prompt + continuation with `keep_prompt`), then puts the model back in training mode."""
+    from lit_llama.generation import generate
 
     def sample(model: torch.nn.Module) -> str:
         inner = getattr(model, "module", model)
@@ -855,6 +861,6 @@ def instruction_sampler(
         out = generate(inner, [ids], budget, temperature=0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
         inner.clear_kv_cache()
         inner.train()
-        return tokenizer.decode(out[len(ids):])
+        return tokenizer.decode(out if keep_prompt else out[len(ids):])
 
     return sample

@@ -16,19 +16,26 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
 from lit_llama.checkpoint import TOKENIZER_NAME, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.generation import generate
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.pretrain_data import PretrainDataset, read_meta
 from lit_llama.resume import resumable_dataloader
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainConfig, check_out_dir, fit, setup_fabric, setup_model_and_optimizer, write_hparams
+from lit_llama.training import (
+    TrainConfig,
+    check_out_dir,
+    fit,
+    greedy_sampler,
+    setup_fabric,
+    setup_model_and_optimizer,
+    write_hparams,
+)
 
 DEFAULT_TRAIN = TrainConfig(
     learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32, max_iters=600, warmup_steps=30,
@@ -41,25 +48,6 @@ def build_config(model_name: str, vocab_size: int, **overrides: Any) -> LLaMACon
     overrides = {k: v for k, v in overrides.items() if v is not None}
     # padded_vocab_size=None: derive it from this vocabulary, not from the preset's
     return LLaMAConfig.from_name(model_name, vocab_size=vocab_size, padded_vocab_size=None, **overrides)
-
-
-def text_sampler(tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 40) -> Callable[[torch.nn.Module], str]:
-    """A function that greedily continues `prompt` with the model in training, to eyeball progress."""
-
-    def sample(model: torch.nn.Module) -> str:
-        inner = getattr(model, "module", model)
-        device = next(inner.parameters()).device
-        ids = tokenizer.encode(prompt, bos=True, device=device)
-        budget = min(max_new_tokens, inner.config.block_size - len(ids))
-        if budget <= 0:
-            return ""
-        inner.eval()
-        out = generate(inner, [ids], budget, temperature=0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
-        inner.clear_kv_cache()
-        inner.train()
-        return tokenizer.decode(out)
-
-    return sample
 
 
 def main(
@@ -154,7 +142,7 @@ def main(
             fabric.print(f"Saved checkpoint to {stem}/")
         fabric.barrier()
 
-    sample = text_sampler(tokenizer, sample_prompt)
+    sample = greedy_sampler(tokenizer, sample_prompt, max_new_tokens=40, keep_prompt=True)
     return fit(fabric, model, optimizer, train_loader, val_loader, train, out_dir, save, sample, checkpoint_name="final",
                resume=resume, generators={"train_blocks": train_set.generator})
 

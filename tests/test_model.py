@@ -12,7 +12,7 @@ import torch
 
 from lit_llama.checkpoint import CheckpointError, load_weights, save_config, save_weights
 from lit_llama.convert_hf import hf_to_meta_rows, meta_to_hf_rows
-from lit_llama.model import LLaMA, apply_rope, build_rope_cache
+from lit_llama.model import LLaMA, apply_rope, rope_angles
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,7 +106,7 @@ def test_rope_permutation_matches_hf_rotate_half():
     torch.testing.assert_close(q_hf_in_meta_order, q_meta, atol=1e-12, rtol=0)
 
     # ... and our apply_rope is that same rotation.
-    cos, sin = build_rope_cache(T, hs)
+    cos, sin = rope_angles(torch.arange(T), hs)
     ours = apply_rope((x.float() @ w.float().T).view(1, T, n_heads, hs).transpose(1, 2), cos, sin)
     torch.testing.assert_close(ours, q_meta.float(), atol=1e-5, rtol=0)
 

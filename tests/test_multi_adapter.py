@@ -30,14 +30,7 @@ from lit_llama.multi_lora import (
     set_adapter_ids,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine thread hand-offs cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ADAPTERS = [
