@@ -238,8 +238,33 @@ def timed_generation(run_generate, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def ours_multi_adapter(spec: dict[str, Any]) -> dict[str, Any]:
+    """lit_llama.multi_lora.benchmark_multi_adapter: gen_batch rows over 8 unmerged adapters vs one merged."""
+    from lit_llama.lora import LoRAConfig
+    from lit_llama.multi_lora import benchmark_multi_adapter
+
+    return benchmark_multi_adapter(
+        LLaMAConfig(**BENCH_PRESETS[spec["preset"]]), n_rows=spec["gen_batch"], n_adapters=8,
+        lora=LoRAConfig(r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=0.0), prompt_length=spec["prompt_len"],
+        max_new_tokens=spec["new_tokens"], dtype=DTYPES[spec["dtype"]], repeats=1,
+    )
+
+
 WORKERS = {("ours", "train"): ours_train, ("reference", "train"): reference_train,
-           ("ours", "generate"): ours_generate, ("reference", "generate"): reference_generate}
+           ("ours", "generate"): ours_generate, ("reference", "generate"): reference_generate,
+           ("ours", "multi_adapter"): ours_multi_adapter}
+
+
+def run_measurement(spec: dict[str, Any], tmp: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Parent side: run one measurement in a fresh subprocess of this script, return its result."""
+    tag = f"{spec['rep']}-{spec['task']}-{spec['dtype']}-{spec['impl']}"
+    spec = {**spec, "result": str(tmp / f"result-{tag}.json")}
+    spec_path = tmp / f"spec-{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['impl']} {spec['task']} {spec['dtype']} run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(Path(spec["result"]).read_text())
 
 
 def run_worker(spec_path: Path) -> None:
@@ -365,21 +390,18 @@ def main(
             for impl in (IMPLS if rep % 2 == 0 else IMPLS[::-1])
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        shared = dict(preset=preset, vocab_size=config.vocab_size, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                      warmup=warmup, prompt_len=prompt_len, new_tokens=new_tokens, gen_batch=gen_batch, threads=threads,
+                      lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, compile=compile)
         for rep, task, name, impl in tqdm(plan, desc="benchmark", unit="run", file=sys.stderr):
-            spec = dict(impl=impl, task=task, dtype=name, lit_dir=str(tmp / f"lit-{name}"), hf_dir=str(tmp / f"hf-{name}"),
-                        vocab_size=config.vocab_size, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup,
-                        prompt_len=prompt_len, new_tokens=new_tokens, gen_batch=gen_batch, threads=threads,
-                        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, compile=compile,
-                        result=str(tmp / f"result-{rep}-{task}-{name}-{impl}.json"))
-            spec_path = tmp / f"spec-{rep}-{task}-{name}-{impl}.json"
-            spec_path.write_text(json.dumps(spec))
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{impl} {task} {name} run failed:\n{proc.stderr[-4000:]}")
-            results.setdefault((task, name, impl), []).append(json.loads(Path(spec["result"]).read_text()))
-        multi = {name: measure_multi_adapter(config, name, gen_batch, prompt_len, new_tokens, repeats, lora_r, lora_alpha, env)
-                 for name in (dtypes if multi_adapter else [])}
+            spec = dict(shared, rep=rep, impl=impl, task=task, dtype=name, lit_dir=str(tmp / f"lit-{name}"),
+                        hf_dir=str(tmp / f"hf-{name}"))
+            results.setdefault((task, name, impl), []).append(run_measurement(spec, tmp, env))
+        multi: dict[str, list[dict[str, Any]]] = {}
+        multi_plan = [(name, rep) for name in (dtypes if multi_adapter else []) for rep in range(repeats)]
+        for name, rep in tqdm(multi_plan, desc="multi-adapter", unit="run", file=sys.stderr):  # ours alone
+            spec = dict(shared, rep=rep, impl="ours", task="multi_adapter", dtype=name)
+            multi.setdefault(name, []).append(run_measurement(spec, tmp, env))
         for name in dtypes:  # the peak again, after the runs: the load may have changed
             peaks[name] = max(peaks[name], matmul_peak_flops(DTYPES[name]))
     load_after = os.getloadavg()
@@ -405,31 +427,6 @@ def main(
             {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "rows": report["rows"],
              "multi_adapter": multi}, indent=2))
     return report
-
-
-def measure_multi_adapter(config: LLaMAConfig, dtype: str, rows: int, prompt_len: int, new_tokens: int, repeats: int,
-                          lora_r: int, lora_alpha: float, env: dict[str, str]) -> list[dict[str, float]]:
-    """lit_llama.multi_lora.benchmark_multi_adapter, each repeat in its own subprocess like every other run."""
-    code = (
-        "import json, sys, torch; from lit_llama.model import LLaMAConfig; from lit_llama.lora import LoRAConfig; "
-        "from lit_llama.multi_lora import benchmark_multi_adapter; a = json.loads(sys.argv[1]); "
-        "print(json.dumps(benchmark_multi_adapter(LLaMAConfig(**a['config']), n_rows=a['rows'], n_adapters=8, "
-        "lora=LoRAConfig(r=a['r'], alpha=a['alpha'], dropout=0.0), prompt_length=a['prompt_len'], "
-        "max_new_tokens=a['new_tokens'], dtype=getattr(torch, a['dtype']), repeats=1)))"
-    )
-    args = json.dumps(dict(config=_plain_config(config), rows=rows, r=lora_r, alpha=lora_alpha, prompt_len=prompt_len,
-                           new_tokens=new_tokens, dtype=str(DTYPES[dtype]).removeprefix("torch.")))
-    runs = []
-    for _ in tqdm(range(repeats), desc=f"multi-adapter {dtype}", unit="run", file=sys.stderr):
-        proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"multi-adapter {dtype} run failed:\n{proc.stderr[-4000:]}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return runs
-
-
-def _plain_config(config: LLaMAConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in BENCH_PRESETS["tiny"]}
 
 
 def _param_count(config: LLaMAConfig) -> int:

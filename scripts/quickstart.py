@@ -29,6 +29,11 @@ from lit_llama.cli import run
 from lit_llama.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# The "plain" prompt (the instruction, a newline, the answer) rather than Alpaca's, for finetuning and
+# evaluation alike: the demo's tokenizer and model know only the demo world's words, and Alpaca's
+# English preamble would add 77 tokens the base never saw in pretraining, which the adapter would
+# first have to learn to ignore.
+PROMPT_STYLE = "plain"
 
 
 def load_script(relative_path: str) -> ModuleType:
@@ -105,13 +110,10 @@ def main(
                                eval_interval=max(1, pretrain_iters // 10), eval_iters=5, save_interval=10**9, log_interval=10),
          ), timings)
     base = base_dir / "final"
-    # The "plain" prompt (the instruction, a newline, the answer) rather than Alpaca's: the demo's
-    # tokenizer and model know only the demo world's words, and Alpaca's English preamble would add
-    # 77 tokens the base never saw in pretraining, which the adapter would first have to learn to ignore.
     step("4/6 tokenize the instruction set", sft / "test.safetensors",
          lambda: prepare_json.main(data_file=data / "train.json", checkpoint_dir=base, destination_path=sft,
                                    test_size=0.05, max_seq_length=base_config_block_size(base), seed=seed,
-                                   prompt_style="plain"), timings)
+                                   prompt_style=PROMPT_STYLE), timings)
     step("5/6 LoRA-finetune the base on the instructions", lora_dir / "lit_model.lora.safetensors",
          lambda: finetune.main(
              data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision="32-true", accelerator="cpu", seed=seed,
@@ -128,7 +130,7 @@ def main(
     def run_evaluation() -> None:
         for name, lora_path in (("base", None), ("base+lora", adapter)):
             results[name] = evaluate.evaluate(base, lora_path, tokens_dir=text, instructions_file=data / "test.json",
-                                              prompt_style="plain")
+                                              prompt_style=PROMPT_STYLE)
         atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2) + "\n")
 
     step("6/6 evaluate base vs base+LoRA on held-out instructions", out_dir / "evaluation.json", run_evaluation, timings)
