@@ -19,7 +19,7 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
-from lit_llama.generation import generate
+from lit_llama.generation import compiled_decode_for, decode_one_token, generate
 from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merge_lora_weights
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import get_prompt_style
@@ -40,6 +40,7 @@ def main(
     top_p: float | None = None,
     precision: Literal["32-true", "bf16-true", "16-true"] = "32-true",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+    compile: bool = False,
     prompt_style: str | None = None,
     seed: int = 1234,
 ) -> str | list[str]:
@@ -56,6 +57,7 @@ def main(
         top_p: Nucleus sampling threshold (None: off).
         precision: Weight and compute dtype: 32-true, bf16-true, or 16-true (GPU only).
         accelerator: Where to run: auto picks cuda when available, else cpu.
+        compile: torch.compile the one-token decode step of the merged model, as generate/base.py --compile (one adapter only).
         prompt_style: Override the prompt template stored in the adapter (e.g. alpaca, plain).
         seed: Random seed for sampling.
     """
@@ -65,6 +67,8 @@ def main(
     torch.manual_seed(seed)
     paths = [lora_path] if isinstance(lora_path, Path) else list(lora_path)
     if len(paths) > 1:
+        if compile:
+            raise ValueError("--compile works with one adapter; several adapters generate unmerged, uncompiled")
         return generate_many(checkpoint_dir, paths, prompt, input, max_new_tokens, temperature, top_k, top_p,
                              precision, device, prompt_style)
     lora_path = paths[0]
@@ -81,9 +85,14 @@ def main(
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
 
     encoded = tokenizer.encode(style.format(prompt, input), bos=True, device=device)
+    decode_fn = decode_one_token
+    if compile:
+        t0 = time.perf_counter()
+        decode_fn = compiled_decode_for(model, 1, len(encoded), max_new_tokens)
+        print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
     out = generate(model, [encoded], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_fn=decode_fn)[0]
     elapsed = time.perf_counter() - t0
     response = tokenizer.decode(out[len(encoded):]).strip()
     print(response)

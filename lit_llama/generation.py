@@ -57,26 +57,57 @@ def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor,
     return model(token, input_pos, key_valid)[:, -1]
 
 
+def matvec_as_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aten.mm for one row, (1, K) @ (K, N) -> (1, N), written as a product summed over K with fp32
+    accumulation (as BLAS accumulates). Inductor turns it into one vectorized pass over the weight:
+    on a 2-core CPU that streams 25-30 GB/s where the BLAS GEMV streams 13-20. Other shapes: no change."""
+    if a.shape[0] != 1:
+        return NotImplemented
+    return (a.float().t() * b.float()).sum(0, keepdim=True).to(a.dtype)  # (K, 1) * (K, N) -> (1, N)
+
+
+def inductor_with_matvec_reductions(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """torch.compile backend: inductor, with one-row matmuls decomposed by `matvec_as_reduction`."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: matvec_as_reduction}
+    # AOTAutograd's on-disk cache does not key on the decomposition table: without this, a graph
+    # compiled earlier without it (same model, plain torch.compile) would be reused.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
+
+
 def compile_decode_step(device: torch.device | str) -> Callable:
     """`decode_one_token` compiled once for a whole generation: the KV cache and the positions have
-    static shapes, so one graph serves every token. On CPU inductor also freezes the weights into
-    the graph (prepacked for oneDNN): 134M LLaMA, batch 1, 2 threads, bf16 42-51 -> 62-93 tokens/s
-    (howto/performance.md). Frozen weights are constants: use it where they never change
-    afterwards (generation, not training). On GPU: CUDA graphs ("reduce-overhead")."""
+    static shapes, so one graph serves every token. On CPU batch-1 decoding is a chain of matrix-vector
+    products that must stream every weight once per token; `matvec_as_reduction` streams them at near
+    memory speed: 134M LLaMA, batch 1, 2 threads: bf16 44 -> 114-120 tokens/s, fp32 27 -> 63-66
+    (howto/performance.md). On GPU: CUDA graphs ("reduce-overhead")."""
     if torch.device(device).type != "cpu":
         return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    import torch._inductor.config as inductor_config
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend=inductor_with_matvec_reductions)
 
-    compiled = torch.compile(decode_one_token, fullgraph=True)
 
-    def frozen_step(*args: torch.Tensor | None) -> torch.Tensor:
-        # Compilation happens at the first call, so the flag must be on then; patched per call
-        # rather than set for the process, so that nothing else compiled here freezes its weights.
-        # (options={"freezing": True} in torch.compile measured 65 instead of 78 tokens/s.)
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
+def compiled_decode_for(model: LLaMA, batch_size: int, prompt_len: int, max_new_tokens: int) -> Callable:
+    """`compile_decode_step`, compiled now rather than inside the first generation, so that a script can
+    report compilation and generation times apart. Sizes the KV cache for batch_size rows of
+    prompt_len + max_new_tokens and triggers the compilation with a two-token greedy run; a generation
+    of that size (or smaller, with no padding) then reuses the cache and the graph."""
+    check_fits_context(model, prompt_len, max_new_tokens)
+    device = model.lm_head.weight.device
+    decode_fn = compile_decode_step(device)
+    model.set_kv_cache(batch_size, prompt_len + max_new_tokens)
+    generate(model, torch.zeros(batch_size, 1, dtype=torch.long, device=device), 2, temperature=0.0, decode_fn=decode_fn)
+    return decode_fn
 
-    return frozen_step
+
+def check_fits_context(model: LLaMA, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len + max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+            f"{model.config.block_size}; shorten the prompt or lower max_new_tokens"
+        )
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +148,8 @@ def generate(
         raise ValueError(f"top_k must be a positive number of tokens, got {top_k}")
     idx, pads = left_pad(prompts, pad_id)
     B, L = idx.shape
+    check_fits_context(model, L, max_new_tokens)
     total = L + max_new_tokens
-    if total > model.config.block_size:
-        raise ValueError(
-            f"prompt of {L} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-            f"{model.config.block_size}; shorten the prompt or lower max_new_tokens"
-        )
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] < total:
         model.set_kv_cache(B, total)

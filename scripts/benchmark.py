@@ -99,6 +99,19 @@ def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -
     return 2 * size**3 / best
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Best bytes/s of summing a `mib` MiB fp32 tensor, far larger than the caches: how fast memory reaches
+    the cores. Batch-1 decoding reads every weight once per token, so this bounds its tokens/s."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()  # warm up (pages touched, thread pool)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
 def matmul_params(config: LLaMAConfig) -> int:
     """N: weights of every matmul of a forward pass (attention, MLP and head; not the embedding lookup)."""
     C, hidden = config.n_embd, config.intermediate_size
@@ -384,6 +397,7 @@ def main(
             write_weights(config, tmp, dtypes)
         for name in dtypes:
             peaks[name] = matmul_peak_flops(DTYPES[name])
+        bandwidth = read_bandwidth()
         plan = [
             (rep, task, name, impl)
             for rep in range(repeats) for task in task_list for name in dtypes
@@ -404,10 +418,15 @@ def main(
             multi.setdefault(name, []).append(run_measurement(spec, tmp, env))
         for name in dtypes:  # the peak again, after the runs: the load may have changed
             peaks[name] = max(peaks[name], matmul_peak_flops(DTYPES[name]))
+        bandwidth = max(bandwidth, read_bandwidth())
     load_after = os.getloadavg()
 
-    report = make_report(results, peaks, config, task_list, dtypes, batch_size, seq_len, prompt_len, new_tokens, gen_batch)
+    report = make_report(results, peaks, bandwidth, config, task_list, dtypes, batch_size, seq_len, prompt_len,
+                         new_tokens, gen_batch)
     print(f"- matmul peak ({threads} threads, 2048^3): " + ", ".join(f"{n} {p / 1e9:.0f} GFLOP/s" for n, p in peaks.items()))
+    ceilings = ", ".join(f"{n} {bandwidth / weight_bytes(config, n):.0f}" for n in dtypes)
+    print(f"- memory read bandwidth ({threads} threads, sum over 512 MiB): {bandwidth / 1e9:.1f} GB/s, so batch-1 "
+          f"decoding, which reads every matmul weight once per token, is bounded at {ceilings} tokens/s")
     print(f"- load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
     print()
     if task_list:
@@ -424,7 +443,8 @@ def main(
         from lit_llama.checkpoint import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(
-            {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "rows": report["rows"],
+            {"results": {"/".join(k): v for k, v in results.items()}, "peaks": peaks, "read_bandwidth": bandwidth,
+             "rows": report["rows"],
              "multi_adapter": multi}, indent=2))
     return report
 
@@ -434,7 +454,13 @@ def _param_count(config: LLaMAConfig) -> int:
         return sum(p.numel() for p in LLaMA(config).parameters())
 
 
-def make_report(results, peaks, config, task_list, dtypes, batch_size, seq_len, prompt_len, new_tokens, gen_batch) -> dict[str, Any]:
+def weight_bytes(config: LLaMAConfig, dtype: str) -> int:
+    """Bytes of the matmul weights one decoding step reads (the embedding lookup reads one row)."""
+    return matmul_params(config) * DTYPES[dtype].itemsize
+
+
+def make_report(results, peaks, bandwidth, config, task_list, dtypes, batch_size, seq_len, prompt_len, new_tokens,
+                gen_batch) -> dict[str, Any]:
     """The markdown table (one row per task, dtype and metric) and notes on parity."""
     N, L, C = matmul_params(config), config.n_layer, config.n_embd
     train_flops = 4 * N + 6 * L * seq_len * C  # per token
@@ -466,6 +492,9 @@ def make_report(results, peaks, config, task_list, dtypes, batch_size, seq_len, 
                         ("time to first token (ms)", lambda r, k=key: 1000 * r[k]["ttft_s"], 1),
                         ("MFU (%)", lambda r, k=key, n=name: 100 * r[k]["tokens_per_s"] * gen_flops / peaks[n], 2),
                     ]))
+                # Batch 1 reads all weights per token: its share of the memory bandwidth is the other roofline.
+                batches[0][1].append(("weights streamed (% of read bandwidth)",
+                                      lambda r, n=name: 100 * r["decode"]["tokens_per_s"] * weight_bytes(config, n) / bandwidth, 1))
                 batches.append(("generate (both runs)", [("peak RSS (MiB)", lambda r: r["peak_rss_mib"], 0)]))
                 same = sum(1 for _ in _common_prefix(ours[0]["decode"]["tokens"], ref[0]["decode"]["tokens"]))
                 notes.append(f"- {name} decode: ours and reference agree on the first {same} of {new_tokens} greedy tokens")

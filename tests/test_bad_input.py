@@ -291,6 +291,10 @@ CASES: dict[str, Case] = {
     "adapter file missing": Case(lambda e, o: generate_lora(e, e.tmp / "nope.lora.safetensors"), "does not exist"),
     "adapter truncated": Case(
         lambda e, o: generate_lora(e, e.adapter_truncated), ("cannot read adapter", "again")),
+    "compile with several adapters": Case(
+        lambda e, o: generate_lora(e, e.adapter, "--lora_path", str(e.adapter), "--compile", "true"), "one adapter"),
+    "compile: prompt longer than the context": Case(
+        lambda e, o: generate(e, "--compile", "true", "--prompt=" + "word " * 300), "exceeds the model's context"),
     # ---- merging
     "merge into the base folder": Case(
         lambda e, o: ["scripts/merge_lora.py", "--checkpoint_dir", str(e.base), "--lora_path", str(e.adapter),

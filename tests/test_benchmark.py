@@ -47,6 +47,7 @@ def test_benchmark_runs_ours_and_transformers_peft_on_a_tiny_config(tmp_path):
         ("LoRA train 2x16", "tokens/s"), ("LoRA train 2x16", "first step (s)"), ("LoRA train 2x16", "peak RSS (MiB)"),
         ("LoRA train 2x16", "MFU (%)"),
         ("greedy decode B=1", "tokens/s"), ("greedy decode B=1", "time to first token (ms)"), ("greedy decode B=1", "MFU (%)"),
+        ("greedy decode B=1", "weights streamed (% of read bandwidth)"),
         ("greedy generate B=2", "tokens/s"), ("greedy generate B=2", "time to first token (ms)"),
         ("greedy generate B=2", "MFU (%)"), ("generate (both runs)", "peak RSS (MiB)"),
     }
@@ -56,7 +57,7 @@ def test_benchmark_runs_ours_and_transformers_peft_on_a_tiny_config(tmp_path):
         if r["metric"].strip() in ("tokens/s", "peak RSS (MiB)"):
             assert ours[1] > 0 and ref[1] > 0
     # The conditions are printed with the table: threads, dtype, shapes, versions, matmul peak, load.
-    for needle in ("1 threads", "torch ", "transformers ", "peft ", "matmul peak", "load average", "micro-batch 2 x 16"):
+    for needle in ("1 threads", "torch ", "transformers ", "peft ", "matmul peak", "memory read bandwidth", "load average", "micro-batch 2 x 16"):
         assert needle in proc.stdout
     # Same weights and batch: the first training loss of both implementations agrees.
     losses = re.search(r"first-step loss ours ([\d.]+), reference ([\d.]+)", proc.stdout)
@@ -64,7 +65,12 @@ def test_benchmark_runs_ours_and_transformers_peft_on_a_tiny_config(tmp_path):
     # Ours alone: rows over 8 different unmerged adapters against rows over one merged adapter.
     multi = re.search(r"fp32 ours, 2 rows over 8 different unmerged adapters .* ratio ([\d.]+) / ([\d.]+) / ([\d.]+)", proc.stdout)
     assert multi and float(multi[2]) > 0
+    # Both rooflines are tokens/s times a constant: their ours/reference ratios are the tokens/s ratio.
+    by_metric = {(r["task"].strip(), r["metric"].strip()): three_numbers(r["ratio"]) for r in rows}
+    for roofline in ("MFU (%)", "weights streamed (% of read bandwidth)"):
+        assert by_metric["greedy decode B=1", roofline] == by_metric["greedy decode B=1", "tokens/s"]
     saved = json.loads(out.read_text())
+    assert saved["read_bandwidth"] > 1e8  # bytes/s; any machine streams more than 100 MB/s
     assert len(saved["rows"]) == len(rows) and len(saved["multi_adapter"]["fp32"]) == 1
 
 

@@ -81,6 +81,9 @@ def test_lora_finetune_trains_saves_only_lora_and_generates(workdir):
     gen = run("generate/lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", adapter,
               "--prompt", "Name a color.", "--max_new_tokens", 8, "--temperature", 0, "--accelerator", "cpu")
     assert "tokens/s" in gen.stderr and "### Response" not in gen.stdout
+    compiled = run("generate/lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", adapter, "--compile", "true",
+                   "--prompt", "Name a color.", "--max_new_tokens", 8, "--temperature", 0, "--accelerator", "cpu")
+    assert compiled.stdout == gen.stdout and "Compiled the decode step" in compiled.stderr  # same greedy answer
     run("scripts/merge_lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", adapter,
         "--output_dir", workdir / "merged")
     merged = load_model(workdir / "merged")

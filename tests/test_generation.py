@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.generation import compile_decode_step, generate, logits_to_probs
+from lit_llama.generation import compile_decode_step, generate, logits_to_probs, matvec_as_reduction
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
 transformers = pytest.importorskip("transformers")
@@ -161,6 +161,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
     assert len(errors) == 1, proc.stderr
 
 
+def test_generate_script_compile_prints_the_same_greedy_text_as_eager(tok512_checkpoint):
+    """--compile compiles before generating (reported apart) and changes no greedy token (fp32)."""
+    args = ("--checkpoint_dir", str(tok512_checkpoint), "--prompt", "Once upon a time", "--max_new_tokens", "12",
+            "--temperature", "0", "--num_samples", "2")
+    eager, compiled = run_generate(*args), run_generate(*args, "--compile", "true")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == eager.stdout
+    assert "Compiled the decode step in" in compiled.stderr
+
+
 def test_generate_script_missing_checkpoint_dir_is_one_error_line(tmp_path):
     assert_one_line_error(run_generate("--checkpoint_dir", str(tmp_path / "nope")))
 
@@ -172,7 +182,7 @@ def test_generate_script_prompt_longer_than_context_is_one_error_line(tok512_che
 
 
 def test_compiled_decode_step_generates_the_eager_greedy_tokens():
-    """generate/base.py --compile: the decode step compiled (weights frozen into the graph on CPU)
+    """generate/base.py --compile: the decode step compiled (one-row matmuls as reductions on CPU)
     continues a batch of prompts exactly as the eager step does."""
     torch.manual_seed(0)
     model = LLaMA(LLaMAConfig.from_name("tiny")).eval()
@@ -182,3 +192,33 @@ def test_compiled_decode_step_generates_the_eager_greedy_tokens():
     compiled = generate(model, prompts, 12, temperature=0.0, decode_fn=compile_decode_step("cpu"))
     for e, c in zip(eager, compiled):
         assert torch.equal(e, c)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_matvec_as_reduction_matches_a_float64_matmul(dtype, tol):
+    """The decomposition the compiled CPU decode step uses for (1, K) @ (K, N), against float64
+    on the same (rounded) inputs: fp32 within 1e-5, bf16 within one bf16 rounding of the output
+    (2^-8 relative, 1e-2 with margin); an output row is a dot product of length K = 768."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 768, generator=g).to(dtype)
+    w = torch.randn(3000, 768, generator=g).to(dtype)  # (out, in) like nn.Linear; mm sees w.t()
+    expected = a.double() @ w.double().t()
+    got = matvec_as_reduction(a, w.t())
+    assert got.dtype == dtype and got.shape == (1, 3000)
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert matvec_as_reduction(torch.randn(2, 768).to(dtype), w.t()) is NotImplemented
+
+
+def test_compiled_decode_step_on_cpu_has_no_matmul_call_left_at_batch_1():
+    """compile_decode_step's backend decomposes every one-row matmul (the whole point on CPU), so the
+    generated code calls no external mm/addmm kernel at batch 1 (a plain torch.compile leaves 11 here:
+    5 per layer and the head)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny")).eval()
+    prompt = torch.randint(0, 256, (5,), generator=torch.Generator().manual_seed(5))
+    step = compile_decode_step("cpu")
+    _, code = run_and_get_code(lambda: generate(model, [prompt], 3, temperature=0.0, decode_fn=step))
+    assert code, "nothing was compiled"
+    assert not any("extern_kernels.mm" in c or "extern_kernels.addmm" in c for c in code)
