@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run
 from lit_llama.generation import compiled_decode_for, decode_one_token, generate
+from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -28,6 +29,16 @@ def peak_memory_mib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def choose_decode_step(model: LLaMA, compile: bool, batch_size: int, prompt_len: int, max_new_tokens: int) -> Callable:
+    """The eager decode step, or the compiled one, compiled here with its time printed apart."""
+    if not compile:
+        return decode_one_token
+    t0 = time.perf_counter()
+    decode_fn = compiled_decode_for(model, batch_size, prompt_len, max_new_tokens)
+    print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return decode_fn
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -90,11 +101,7 @@ def main(
 
     encoded = tokenizer.encode(prompt, bos=True, device=device)
     prompts = [encoded] * num_samples
-    decode_fn = decode_one_token
-    if compile:
-        t0 = time.perf_counter()
-        decode_fn = compiled_decode_for(model, num_samples, len(encoded), max_new_tokens)
-        print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    decode_fn = choose_decode_step(model, compile, num_samples, len(encoded), max_new_tokens)
     t0 = time.perf_counter()
     outputs = generate(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

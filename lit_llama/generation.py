@@ -60,7 +60,7 @@ def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor,
 def matvec_as_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aten.mm for one row, (1, K) @ (K, N) -> (1, N), written as a product summed over K with fp32
     accumulation (as BLAS accumulates). Inductor turns it into one vectorized pass over the weight:
-    on a 2-core CPU that streams 25-30 GB/s where the BLAS GEMV streams 13-20. Other shapes: no change."""
+    on a 2-core CPU that streams 25-39 GB/s where the BLAS GEMV streams 13-20. Other shapes: no change."""
     if a.shape[0] != 1:
         return NotImplemented
     return (a.float().t() * b.float()).sum(0, keepdim=True).to(a.dtype)  # (K, 1) * (K, N) -> (1, N)
@@ -82,7 +82,7 @@ def compile_decode_step(device: torch.device | str) -> Callable:
     """`decode_one_token` compiled once for a whole generation: the KV cache and the positions have
     static shapes, so one graph serves every token. On CPU batch-1 decoding is a chain of matrix-vector
     products that must stream every weight once per token; `matvec_as_reduction` streams them at near
-    memory speed: 134M LLaMA, batch 1, 2 threads: bf16 44 -> 114-120 tokens/s, fp32 27 -> 63-66
+    memory speed: 134M LLaMA, batch 1, 2 threads: bf16 44 -> 110-120 tokens/s, fp32 27 -> 63-93
     (howto/performance.md). On GPU: CUDA graphs ("reduce-overhead")."""
     if torch.device(device).type != "cpu":
         return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)

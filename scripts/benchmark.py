@@ -41,7 +41,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm import tqdm
@@ -86,30 +86,29 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
+def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Shortest of `repeats` timed calls, after one untimed warm-up call (thread pool, pages, kernel choice)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     """Best FLOP/s of a (size x size) @ (size x size) matmul in `dtype`: the roofline MFU is taken against."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    a @ b  # warm up (thread pool, kernel choice)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(lambda: a @ b, repeats)
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     """Best bytes/s of summing a `mib` MiB fp32 tensor, far larger than the caches: how fast memory reaches
     the cores. Batch-1 decoding reads every weight once per token, so this bounds its tokens/s."""
     x = torch.ones(mib * 2**20 // 4)
-    x.sum()  # warm up (pages touched, thread pool)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+    return x.numel() * 4 / best_seconds(x.sum, repeats)
 
 
 def matmul_params(config: LLaMAConfig) -> int:
