@@ -72,17 +72,22 @@ def inductor_with_matvec_reductions(gm: torch.fx.GraphModule, example_inputs: li
     from torch._inductor.decomposition import select_decomp_table
 
     table = {**select_decomp_table(), torch.ops.aten.mm.default: matvec_as_reduction}
+    # Inductor would inline a matmul's pointwise input (RMSNorm's scaling, SwiGLU) into the reduction
+    # and recompute it for each of the N output rows; storing every such intermediate instead (768
+    # numbers a token) leaves one weight load per multiply-add: bf16 112 -> 125 tokens/s, and it rounds
+    # them to the model's dtype as eager does.
+    patches = {"realize_acc_reads_threshold": 0}
     # AOTAutograd's on-disk cache does not key on the decomposition table: without this, a graph
     # compiled earlier without it (same model, plain torch.compile) would be reused.
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, decompositions=table)
+        return compile_fx(gm, example_inputs, decompositions=table, config_patches=patches)
 
 
 def compile_decode_step(device: torch.device | str) -> Callable:
     """`decode_one_token` compiled once for a whole generation: the KV cache and the positions have
     static shapes, so one graph serves every token. On CPU batch-1 decoding is a chain of matrix-vector
     products that must stream every weight once per token; `matvec_as_reduction` streams them at near
-    memory speed: 134M LLaMA, batch 1, 2 threads: bf16 44 -> 110-120 tokens/s, fp32 27 -> 63-93
+    memory speed: 134M LLaMA, batch 1, 2 threads: bf16 44 -> 125-130 tokens/s, fp32 27 -> 63-93
     (howto/performance.md). On GPU: CUDA graphs ("reduce-overhead")."""
     if torch.device(device).type != "cpu":
         return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -172,5 +177,8 @@ def generate(
             if bool((lengths < max_new_tokens).all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = decode_fn(model, token[:, None], positions[step:step + 1], key_valid)
+            # Every step passes the same shapes and objects, so once the first has passed dynamo's
+            # guards (compiling if needed) a compiled decode_fn need not re-check them: 0.35 -> 0.1 ms a token.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
+                logits = decode_fn(model, token[:, None], positions[step:step + 1], key_valid)
     return [torch.cat([p, new_tokens[row, : min(int(lengths[row]), n_new)]]) for row, p in enumerate(prompts)]
