@@ -20,13 +20,13 @@ import torch
 from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
 from lit_llama.generation import generate
-from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merge_lora_weights
+from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from base import PRECISIONS, choose_decode_step, peak_memory_mib, resolve_device  # noqa: E402
+from base import PRECISIONS, peak_memory_mib, prepare_decoding, resolve_device  # noqa: E402
 
 
 def main(
@@ -78,14 +78,13 @@ def main(
 
     t0 = time.perf_counter()
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
-    model = load_lora_model(checkpoint_dir, meta.lora, device=device)
+    model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=compile or device.type != "cpu")  # as base.py
     apply_adapter(model, lora_path)
-    merge_lora_weights(model)
-    model = model.to(PRECISIONS[precision])
+    model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
 
     encoded = tokenizer.encode(style.format(prompt, input), bos=True, device=device)
-    decode_fn = choose_decode_step(model, compile, 1, len(encoded), max_new_tokens)
+    decode_fn = prepare_decoding(model, compile, 1, len(encoded), max_new_tokens)
     t0 = time.perf_counter()
     out = generate(model, [encoded], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_fn=decode_fn)[0]

@@ -199,15 +199,27 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
     )
 
 
-def load_weights(path: Path | str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read tensors safely and lazily: safetensors, or torch.load(mmap=True, weights_only=True)."""
+def load_weights(path: Path | str, device: torch.device | str = "cpu", mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read tensors safely: safetensors, or torch.load(weights_only=True). mmap=True (lazy) maps the
+    file; mmap=False reads every tensor into memory of its own, for a caller that will replace the
+    tensors (`pack_linear_weights`): a mapped tensor keeps the file's pages resident while any tensor
+    of the file lives, so replacing them one by one would hold two copies at the peak."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(path, device=str(device))
-        return torch.load(path, map_location=device, mmap=True, weights_only=True)
+            if mmap or torch.device(device).type != "cpu":
+                return load_file(path, device=str(device))
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+            tensors = {}
+            for name in names:  # one short-lived map per tensor: its pages are released after the copy
+                with safe_open(str(path), framework="pt") as f:
+                    tensors[name] = f.get_tensor(name).clone()
+            return tensors
+        return torch.load(path, map_location=device, mmap=mmap, weights_only=True)
     except Exception as e:  # a truncated file, a pickle with code in it, not a checkpoint at all
         raise _unreadable(path, e) from None
 
@@ -271,17 +283,17 @@ def load_into(model: LLaMA, state_dict: dict[str, torch.Tensor], allowed_missing
 
 def load_model(
     checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-    model_fn: Callable[[LLaMAConfig], LLaMA] = LLaMA, allowed_missing: set[str] = frozenset(),
+    model_fn: Callable[[LLaMAConfig], LLaMA] = LLaMA, allowed_missing: set[str] = frozenset(), mmap: bool = True,
 ) -> LLaMA:
     """Build the model of `checkpoint_dir` on the meta device and assign its weights (no extra copy).
 
     `model_fn` builds a variant (e.g. a LoRA model), whose extra keys are then `allowed_missing`
-    and are initialised by the caller.
+    and are initialised by the caller. `mmap`: as in `load_weights`.
     """
     config = load_config(checkpoint_dir)
     weights = find_weights(checkpoint_dir)
     device = torch.device(device or "cpu")
-    state_dict = load_weights(weights, device="cpu" if device.type == "meta" else device)
+    state_dict = load_weights(weights, device="cpu" if device.type == "meta" else device, mmap=mmap)
     with torch.device("meta"):
         model = model_fn(config)
     load_into(model, state_dict, allowed_missing, dtype)

@@ -83,6 +83,48 @@ def inductor_with_matvec_reductions(gm: torch.fx.GraphModule, example_inputs: li
         return compile_fx(gm, example_inputs, decompositions=table, config_patches=patches)
 
 
+class PackedLinear(torch.nn.Module):
+    """Inference-only stand-in for a bias-free nn.Linear on CPU. oneDNN lays the weight out once in
+    the blocked format its matmul kernels read; the default path re-packs it on every call, which
+    dominates at decode's few rows (134M LLaMA, eager, 2 threads: bf16 batch 1 49 -> 60-68 tokens/s,
+    batch 8 275 -> 396; fp32 batch 1 27 -> 41-49, batch 8 130 -> 254). The packed copy replaces the weight, so memory does not
+    grow, but it is opaque: no state_dict, gradients or torch.compile through this module."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # A plain attribute, not a parameter: it still answers .dtype and .device like the weight did.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, None, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)  # (..., in) -> (..., out)
+
+
+def can_pack_linear(weight: torch.Tensor) -> bool:
+    """oneDNN packs fp32 CPU weights, and bf16 ones where the CPU has bf16 instructions."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linear_weights(model: LLaMA) -> int:
+    """Replace every plain bias-free nn.Linear of an inference model by a `PackedLinear`; returns how
+    many. A head tied to the embedding stays as it is (packing it would keep a second copy)."""
+    tied_head = model.lm_head.weight is model.transformer.wte.weight
+    # Names, not modules: holding the old layers would keep their weights alive next to the packed copies.
+    names = [
+        name for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and module.bias is None and can_pack_linear(module.weight)
+        and not (tied_head and name == "lm_head")
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PackedLinear(getattr(parent, child)))
+    return len(names)
+
+
 def compile_decode_step(device: torch.device | str) -> Callable:
     """`decode_one_token` compiled once for a whole generation: the KV cache and the positions have
     static shapes, so one graph serves every token. On CPU batch-1 decoding is a chain of matrix-vector

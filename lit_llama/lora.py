@@ -601,12 +601,13 @@ def merged_model(model: LLaMA) -> LLaMA:
 
 def load_lora_model(
     checkpoint_dir: Path | str, lora: LoRAConfig, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32, mmap: bool = True,
 ) -> LLaMA:
     """Load a base checkpoint and add `lora` to it: base weights in `dtype` on `device`, LoRA
     freshly initialised there in `lora_dtype` (fp32 by default, also for a bf16 base). The
-    checkpoint must hold exactly the base model's tensors: anything missing or extra is an error."""
-    model = load_model(checkpoint_dir, dtype=dtype, device=device)
+    checkpoint must hold exactly the base model's tensors: anything missing or extra is an error.
+    `mmap`: as in `checkpoint.load_weights`."""
+    model = load_model(checkpoint_dir, dtype=dtype, device=device, mmap=mmap)
     return add_lora(model, lora, lora_dtype=lora_dtype)
 
 

@@ -198,10 +198,15 @@ def timed_training(train_step, spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- generation
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.checkpoint import load_model
-    from lit_llama.generation import compile_decode_step, decode_one_token, generate
+    from lit_llama.generation import compile_decode_step, decode_one_token, generate, pack_linear_weights
 
-    model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]])
-    decode_fn = compile_decode_step("cpu") if spec["compile"] else decode_one_token  # generate/base.py --compile
+    model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]], mmap=spec["compile"])
+    # As generate/base.py: the compiled step, or the eager one over packed weights.
+    if spec["compile"]:
+        decode_fn = compile_decode_step("cpu")
+    else:
+        pack_linear_weights(model)
+        decode_fn = decode_one_token
 
     def run_generate(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
         out = generate(model, prompts, new_tokens, temperature=0.0, decode_fn=decode_fn)

@@ -1,3 +1,4 @@
+import gc
 import os
 import pickle
 from pathlib import Path
@@ -76,10 +77,11 @@ def test_atomic_path_leaves_nothing_behind_on_error_and_keeps_the_old_file(tmp_p
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-tied"])
 @pytest.mark.parametrize("weights_name", ["lit_model.safetensors", "lit_model.pth"])
-def test_checkpoint_round_trip_is_bit_exact(tmp_path, name, weights_name):
+@pytest.mark.parametrize("mmap", [True, False])
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, name, weights_name, mmap):
     model = random_model(name)
     save_checkpoint(model, tmp_path, weights_name=weights_name)
-    loaded = load_model(tmp_path)
+    loaded = load_model(tmp_path, mmap=mmap)
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -88,6 +90,26 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, name, weights_name):
         assert "lm_head.weight" not in load_weights(tmp_path / weights_name)
     x = torch.randint(0, model.config.vocab_size, (2, 9))
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("weights_name", ["lit_model.safetensors", "lit_model.pth"])
+def test_load_without_mmap_leaves_the_file_unmapped(tmp_path, weights_name):
+    """mmap=False (what the packing generate path uses) holds the tensors in memory of their own:
+    the weights file is not mapped into the process once loading returns; mmap=True keeps it mapped."""
+    save_checkpoint(random_model("tiny"), tmp_path, weights_name=weights_name)
+    path = str((tmp_path / weights_name).resolve())
+
+    def mapped() -> bool:
+        return path in Path("/proc/self/maps").read_text()
+
+    lazy = load_model(tmp_path, mmap=True)
+    assert mapped()
+    del lazy
+    gc.collect()  # the lazy model's tensors, and with them the map, are gone
+    eager = load_model(tmp_path, mmap=False)
+    assert not mapped()
+    assert eager.lm_head.weight.abs().sum() > 0
 
 
 def test_load_model_casts_to_the_requested_dtype(tmp_path):

@@ -3,16 +3,27 @@ through our converter; sampling filters against hand computations; generate/base
 
 from __future__ import annotations
 
+import copy
+import gc
 import importlib.util
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from lit_llama.generation import compile_decode_step, generate, logits_to_probs, matvec_as_reduction
+from lit_llama.generation import (
+    PackedLinear,
+    can_pack_linear,
+    compile_decode_step,
+    generate,
+    logits_to_probs,
+    matvec_as_reduction,
+    pack_linear_weights,
+)
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
 transformers = pytest.importorskip("transformers")
@@ -102,6 +113,56 @@ def test_eos_stops_only_its_row(pair):
         cut = exp.index(eos_id) if eos_id in exp else len(exp)
         assert out[len(prompt):].tolist() == exp[:cut]  # stops before EOS, others run on
     assert len(outs[0]) == len(batch[0]) + stop
+
+
+needs_onednn = pytest.mark.skipif(not can_pack_linear(torch.ones(1)), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+def test_packed_weights_greedy_matches_hf_generate(pair):
+    """generate/base.py's eager path: every linear layer packed for oneDNN, still HF's greedy tokens,
+    alone and in a left-padded batch."""
+    hf, model = pair
+    packed = copy.deepcopy(model)
+    assert pack_linear_weights(packed) == 5 * packed.config.n_layer + 1
+    for prompt in prompts(5, 11):
+        assert generate(packed, [prompt], MAX_NEW, temperature=0)[0][len(prompt):].tolist() == hf_greedy(hf, prompt).tolist()
+    batch = prompts(3, 12, 7, seed=4)
+    for prompt, out in zip(batch, generate(packed, batch, MAX_NEW, temperature=0, pad_id=0)):
+        assert out[len(prompt):].tolist() == hf_greedy(hf, prompt).tolist()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_linear_matches_a_float64_matmul(dtype, tol):
+    """PackedLinear on a (B, T, in) input against float64 on the same rounded inputs: fp32 within 1e-5,
+    bf16 within one bf16 rounding of the output (as in the matvec test above)."""
+    if not can_pack_linear(torch.ones(1, dtype=dtype)):
+        pytest.skip("this CPU has no bf16 instructions for oneDNN")
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(768, 3000, bias=False).to(dtype)
+    torch.nn.init.normal_(linear.weight, generator=g)
+    x = torch.randn(2, 5, 768, generator=g).to(dtype)
+    expected = x.double() @ linear.weight.double().t()
+    got = PackedLinear(linear)(x)
+    assert got.dtype == dtype and got.shape == (2, 5, 3000)
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@needs_onednn
+def test_pack_linear_weights_frees_the_unpacked_weights_and_leaves_a_tied_head():
+    """Packing replaces the weights rather than adding copies: the old tensors are freed. A head tied
+    to the embedding is left unpacked, since the embedding still needs the plain matrix."""
+    model = LLaMA(LLaMAConfig.from_name("tiny")).eval()
+    old = [weakref.ref(m.weight) for m in model.modules() if type(m) is torch.nn.Linear]
+    assert pack_linear_weights(model) == len(old) == 5 * model.config.n_layer + 1
+    gc.collect()
+    assert all(ref() is None for ref in old)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+
+    tied = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=True)).eval()
+    assert pack_linear_weights(tied) == 5 * tied.config.n_layer
+    assert tied.lm_head.weight is tied.transformer.wte.weight
 
 
 def test_top_k_1_sampling_equals_greedy(pair):
