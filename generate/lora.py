@@ -19,7 +19,7 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
-from lit_llama.generation import generate
+from lit_llama.generation import generate, packs_weights
 from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import get_prompt_style
@@ -78,7 +78,8 @@ def main(
 
     t0 = time.perf_counter()
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
-    model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=compile or device.type != "cpu")  # as base.py
+    mmap = not packs_weights(device, compile, 1)  # as in base.py
+    model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=mmap)
     apply_adapter(model, lora_path)
     model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)

@@ -198,17 +198,16 @@ def timed_training(train_step, spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- generation
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.checkpoint import load_model
-    from lit_llama.generation import compile_decode_step, decode_one_token, generate, pack_linear_weights
+    from lit_llama.generation import compile_decode_step, decode_one_token, generate, pack_linear_weights, packs_weights
 
-    model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]], mmap=spec["compile"])
-    # As generate/base.py: the compiled step, or the eager one over packed weights.
-    if spec["compile"]:
-        decode_fn = compile_decode_step("cpu")
-    else:
-        pack_linear_weights(model)
-        decode_fn = decode_one_token
+    model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]], mmap=False)  # packed below, as generate/base.py
+    decode_fn = compile_decode_step("cpu") if spec["compile"] else decode_one_token
+    packed = False
 
     def run_generate(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        nonlocal packed  # batch 1 runs first; compiled, only the batch above 1 runs over packed weights
+        if not packed and packs_weights("cpu", spec["compile"], len(prompts)):
+            packed = pack_linear_weights(model) > 0
         out = generate(model, prompts, new_tokens, temperature=0.0, decode_fn=decode_fn)
         return torch.stack([o[prompts.shape[1]:] for o in out])  # (B, new_tokens)
 
