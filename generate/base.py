@@ -35,7 +35,9 @@ def prepare_decoding(model: LLaMA, compile: bool, batch_size: int, prompt_len: i
     """The decode step to generate with, eager or compiled here (its compilation time printed apart),
     after packing the weights for oneDNN where that is faster (`packs_weights`)."""
     if packs_weights(model.transformer.wte.weight.device, compile, batch_size):
-        pack_linear_weights(model)
+        t0 = time.perf_counter()
+        if n_packed := pack_linear_weights(model):
+            print(f"Packed {n_packed} linear layers for oneDNN in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if not compile:
         return decode_one_token
     t0 = time.perf_counter()

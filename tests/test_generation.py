@@ -213,6 +213,8 @@ def test_generate_script_prints_text_and_tokens_per_second(tok512_checkpoint):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Once upon a time")
     assert "tokens/s" in proc.stderr and "Traceback" not in proc.stderr
+    if can_pack_linear(torch.ones(1)):
+        assert "Packed 11 linear layers for oneDNN" in proc.stderr  # 5 per layer x 2 layers + the head
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
