@@ -182,10 +182,11 @@ def add_adapters(
 
 def load_multi_lora_model(
     checkpoint_dir: Path | str, adapter_paths: Sequence[Path | str], dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, mmap: bool = True,
 ) -> tuple[LLaMA, list[AdapterMeta]]:
-    """Load a base checkpoint once and put every adapter over it (see `add_adapters`)."""
-    model = load_model(checkpoint_dir, dtype=dtype, device=device)
+    """Load a base checkpoint once and put every adapter over it (see `add_adapters`).
+    `mmap`: as in `checkpoint.load_weights`."""
+    model = load_model(checkpoint_dir, dtype=dtype, device=device, mmap=mmap)
     adapters = [load_adapter(path) for path in adapter_paths]
     add_adapters(model, adapters, names=[Path(p).name for p in adapter_paths])
     return model, [meta for _, meta in adapters]

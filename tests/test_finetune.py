@@ -84,6 +84,12 @@ def test_lora_finetune_trains_saves_only_lora_and_generates(workdir):
     compiled = run("generate/lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", adapter, "--compile", "true",
                    "--prompt", "Name a color.", "--max_new_tokens", 8, "--temperature", 0, "--accelerator", "cpu")
     assert compiled.stdout == gen.stdout and "Compiled the decode step" in compiled.stderr  # same greedy answer
+    # Two adapters answer side by side, unmerged, in one batch over packed base layers (row-by-row
+    # equality with merged adapters: tests/test_multi_adapter.py, on weights with no near-ties).
+    both = run("generate/lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", out / "iter-000012-lit_model.lora.safetensors",
+               "--lora_path", adapter, "--prompt", "Name a color.", "--max_new_tokens", 8, "--temperature", 0,
+               "--accelerator", "cpu")
+    assert both.stdout.count("### ") == 2 and f"### {adapter}" in both.stdout and "Packed" in both.stderr
     run("scripts/merge_lora.py", "--checkpoint_dir", workdir / "base", "--lora_path", adapter,
         "--output_dir", workdir / "merged")
     merged = load_model(workdir / "merged")

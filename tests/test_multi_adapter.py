@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_llama.checkpoint import load_model, save_checkpoint
-from lit_llama.generation import generate
+from lit_llama.generation import can_pack_linear, generate, pack_linear_weights
 from lit_llama.lora import (
     LoRAConfig,
     apply_adapter,
@@ -109,6 +109,30 @@ def test_kv_cache_generation_rows_equal_adapters_merged_alone(setup):
         step = torch.tensor([idx.shape[1]])
         a, b = multi(idx[:, -1:], step), refs[2](idx[:, -1:], step)
     assert (a - b).abs().max() <= 1e-4
+
+
+def test_packed_base_layers_keep_every_row_equal_to_its_adapter_merged_alone(tmp_path):
+    """generate/lora.py with several adapters packs the layers no adapter wraps (generation.py
+    `pack_linear_weights`); each row must still continue as its adapter merged into an unpacked base.
+    Adapters 0 (Q, V) and 2 (Q, V, projection) leave the MLP and the head packable."""
+    if not can_pack_linear(torch.ones(1)):
+        pytest.skip("this torch build has no oneDNN")
+    base_dir, paths = make_setup(tmp_path, "tiny-gqa")
+    chosen = [paths[0], paths[2]]
+    multi, _ = load_multi_lora_model(base_dir, chosen)
+    assert pack_linear_weights(multi.eval()) == 3 * multi.config.n_layer + 1
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, multi.config.vocab_size, (n,), generator=g) for n in (4, 8, 6)]
+    ids = [1, 0, None]
+    got = generate_with_adapters(multi, prompts, ids, max_new_tokens=10, temperature=0.0)
+    for prompt, n, out in zip(prompts, ids, got):
+        if n is None:
+            ref = load_model(base_dir)
+        else:
+            ref = load_lora_model(base_dir, load_adapter(chosen[n])[1].lora)
+            apply_adapter(ref, chosen[n])
+            ref = merged_model(ref)
+        assert torch.equal(out, generate(ref, [prompt], 10, temperature=0.0)[0]), n
 
 
 def test_parallel_mode_returns_k_answers_per_prompt(setup):
