@@ -31,13 +31,21 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def prepare_decoding(model: LLaMA, compile: bool, batch_size: int, prompt_len: int, max_new_tokens: int) -> Callable:
+def pack_weights_timed(model: LLaMA) -> None:
+    """`pack_linear_weights`, with the time it took printed as compilation time is."""
+    t0 = time.perf_counter()
+    if n_packed := pack_linear_weights(model):
+        print(f"Packed {n_packed} linear layers for oneDNN in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+
+def prepare_decoding(
+    model: LLaMA, compile: bool, pack: bool, batch_size: int, prompt_len: int, max_new_tokens: int,
+) -> Callable:
     """The decode step to generate with, eager or compiled here (its compilation time printed apart),
-    after packing the weights for oneDNN where that is faster (`packs_weights`)."""
-    if packs_weights(model.transformer.wte.weight.device, compile, batch_size):
-        t0 = time.perf_counter()
-        if n_packed := pack_linear_weights(model):
-            print(f"Packed {n_packed} linear layers for oneDNN in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    after packing the weights for oneDNN if `pack` (what `packs_weights` said when the caller chose how
+    to load them)."""
+    if pack:
+        pack_weights_timed(model)
     if not compile:
         return decode_one_token
     t0 = time.perf_counter()
@@ -98,8 +106,8 @@ def main(
     t0 = time.perf_counter()
     # Weights that prepare_decoding will pack are read into memory rather than mapped from the file,
     # so that each unpacked weight is freed as its packed copy is made.
-    mmap = not packs_weights(device, compile, num_samples)
-    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=mmap)
+    pack = packs_weights(device, compile, num_samples)
+    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=not pack)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
@@ -109,7 +117,7 @@ def main(
 
     encoded = tokenizer.encode(prompt, bos=True, device=device)
     prompts = [encoded] * num_samples
-    decode_fn = prepare_decoding(model, compile, num_samples, len(encoded), max_new_tokens)
+    decode_fn = prepare_decoding(model, compile, pack, num_samples, len(encoded), max_new_tokens)
     t0 = time.perf_counter()
     outputs = generate(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
