@@ -165,6 +165,22 @@ def test_pack_linear_weights_frees_the_unpacked_weights_and_leaves_a_tied_head()
     assert tied.lm_head.weight is tied.transformer.wte.weight
 
 
+def test_eager_generate_does_not_import_dynamo():
+    """Skipping dynamo's guard checks is for a compiled step only: the eager one must not pay the
+    import of torch._dynamo (about 1 s) on its first token. In a fresh process, as other tests compile."""
+    code = (
+        "import sys, torch\n"
+        "from lit_llama.generation import generate\n"
+        "from lit_llama.model import LLaMA, LLaMAConfig\n"
+        "model = LLaMA(LLaMAConfig.from_name('tiny')).eval()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'imported before generate'\n"
+        "generate(model, torch.tensor([1, 2, 3]), 4, temperature=0.0)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_top_k_1_sampling_equals_greedy(pair):
     hf, model = pair
     prompt = prompts(6, seed=6)[0]
