@@ -19,24 +19,21 @@ import torch
 
 from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_into, load_model, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.data import dataset_special_tokens
-from lit_llama.model import LLaMA
-from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import (
+from lit_llama.data import dataset_special_tokens, instruction_dataloaders
+from lit_llama.distributed import (
     Strategy,
-    TrainConfig,
     build_sharded,
-    check_out_dir,
     check_strategy,
-    fit,
     gather_parameters,
-    instruction_dataloaders,
-    instruction_sampler,
     load_sharded,
     setup_fabric,
     setup_model_and_optimizer,
-    write_hparams,
 )
+from lit_llama.generation import instruction_sampler
+from lit_llama.model import LLaMA
+from lit_llama.run_dir import check_out_dir, write_hparams
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import TrainConfig, fit
 
 
 def main(
@@ -88,7 +85,7 @@ def main(
     else:
         # Mixed precision keeps fp32 master weights; only bf16-true stores them in bf16.
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-        model = load_model(checkpoint_dir, dtype=dtype, device=fabric.device)
+        model = load_model(checkpoint_dir, dtype=dtype, device=fabric.device, config=config)
     model.train()
     fabric.print(f"Trainable parameters: {sum(p.numel() for p in model.parameters()):,}")
     model, optimizer = setup_model_and_optimizer(

@@ -17,38 +17,33 @@ from typing import Any, Literal
 
 import torch
 
+from lit_llama.adapter import adapter_metadata, save_adapter, write_adapter
 from lit_llama.checkpoint import TOKENIZER_NAME, load_config
 from lit_llama.cli import run
-from lit_llama.data import dataset_special_tokens
+from lit_llama.data import dataset_special_tokens, instruction_dataloaders
+from lit_llama.distributed import (
+    Strategy,
+    build_sharded,
+    check_strategy,
+    gather_parameters,
+    load_sharded,
+    setup_fabric,
+    setup_model_and_optimizer,
+    weights_dtype,
+)
+from lit_llama.generation import instruction_sampler
 from lit_llama.lora import (
     LoRAConfig,
-    adapter_metadata,
     build_lora_model,
     is_lora_key,
     load_lora_model,
     lora_param_count,
     mark_only_lora_as_trainable,
-    save_adapter,
-    write_adapter,
 )
 from lit_llama.model import LLaMAConfig
+from lit_llama.run_dir import check_out_dir, write_hparams
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import (
-    Strategy,
-    TrainConfig,
-    build_sharded,
-    check_out_dir,
-    check_strategy,
-    fit,
-    gather_parameters,
-    instruction_dataloaders,
-    instruction_sampler,
-    load_sharded,
-    setup_fabric,
-    setup_model_and_optimizer,
-    weights_dtype,
-    write_hparams,
-)
+from lit_llama.training import TrainConfig, fit
 
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
@@ -64,23 +59,7 @@ def main(
     activation_checkpointing: bool = False,
     seed: int = 1337,
     train: TrainConfig = TrainConfig(),
-    lora_r: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
-    lora_embedding: bool = False,
-    lora_r_query: int | None = None,
-    lora_r_key: int | None = None,
-    lora_r_value: int | None = None,
-    train_embeddings: bool = False,
-    untie_embeddings: bool = False,
-    resize_vocab: int | None = None,
-    pad_id: int | None = None,
+    lora: LoRAConfig = LoRAConfig(),
     save_embedding_layers: Literal["auto", "true", "false"] = "auto",
     sample_instruction: str = SAMPLE_INSTRUCTION,
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
@@ -99,25 +78,11 @@ def main(
         activation_checkpointing: With fsdp: recompute each Block's activations in the backward pass to save memory.
         seed: Random seed for initialisation, shuffling and dropout.
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
-        lora_dropout: Dropout on the LoRA path's input.
-        lora_query: Apply LoRA to the query slice of the fused attention projection.
-        lora_key: Apply LoRA to the key slice.
-        lora_value: Apply LoRA to the value slice.
-        lora_projection: Apply LoRA to the attention output projection (attn.c_proj).
-        lora_mlp: Apply LoRA to the MLP (c_fc1, c_fc2, mlp.c_proj).
-        lora_head: Apply LoRA to the output head (on a tied model: the embedding's shared update).
-        lora_embedding: Apply LoRA to the token embedding (on a tied model the head follows).
-        lora_r_query: Rank of the query slice (None: lora_r).
-        lora_r_key: Rank of the key slice (None: lora_r).
-        lora_r_value: Rank of the value slice (None: lora_r).
-        train_embeddings: Also train the embedding and head matrices in full (one matrix on a tied model); on by
-            itself when the data was prepared with --special_tokens (unless lora_embedding trains them).
-        untie_embeddings: On a tied model, give the head its own weight (and its own update).
-        resize_vocab: Grow the embedding and head to this many tokens; new rows start at the mean embedding.
-            Default: the size the data's special tokens need (prepare_json.py --special_tokens), else no growth.
-        pad_id: A new token whose row stays zero and is never updated (needs resize_vocab).
+        lora: What LoRA adapts and how: --lora.r, --lora.alpha, --lora.dropout, the targets (--lora.query,
+            --lora.value, --lora.mlp, ...), per-slice ranks, embedding options (--lora.train_embedding, --lora.train_head,
+            --lora.untie_embeddings, --lora.resize_vocab, --lora.pad_id). When the data was prepared with
+            --special_tokens, resize_vocab defaults to the size they need and the embedding and head train in full
+            (unless --lora.embedding adapts them).
         save_embedding_layers: auto saves embedding/head weights only when trained or grown; true always; false never.
         sample_instruction: The instruction answered after each validation to show progress.
         adapter_format: File format of the adapter.
@@ -125,12 +90,6 @@ def main(
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
-    lora_cfg = LoRAConfig(
-        r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key, value=lora_value,
-        projection=lora_projection, mlp=lora_mlp, head=lora_head, embedding=lora_embedding,
-        r_query=lora_r_query, r_key=lora_r_key, r_value=lora_r_value, train_embedding=train_embeddings,
-        train_head=train_embeddings, untie_embeddings=untie_embeddings, resize_vocab=resize_vocab, pad_id=pad_id,
-    )
     config = load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
     check_strategy(strategy, accelerator, resume)
     check_out_dir(out_dir)
@@ -141,18 +100,18 @@ def main(
     special_tokens = dataset_special_tokens(data_meta)
     if special_tokens:
         tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, special_tokens)
-        lora_cfg = grow_for_special_tokens(lora_cfg, config, tokenizer)
+        lora = grow_for_special_tokens(lora, config, tokenizer)
         fabric.print(f"{len(special_tokens)} special tokens from the data ({', '.join(special_tokens)}): vocabulary "
-                     f"{config.vocab_size} -> {lora_cfg.resize_vocab}, embedding and head trained "
-                     f"({'fully' if lora_cfg.train_embedding else 'by LoRA'})")
+                     f"{config.vocab_size} -> {lora.resize_vocab}, embedding and head trained "
+                     f"({'fully' if lora.train_embedding else 'by LoRA'})")
 
     fsdp = strategy == "fsdp"
     if fsdp:
         # On the meta device: FSDP materialises and shards it Block by Block in setup, then the
         # base weights are copied in. One dtype for all (FSDP flattens a Block's tensors into one).
-        model, base_weights = build_sharded(fabric, checkpoint_dir, lambda c: build_lora_model(c, lora_cfg))
+        model, base_weights = build_sharded(fabric, checkpoint_dir, lambda c: build_lora_model(c, lora))
     else:
-        model = load_lora_model(checkpoint_dir, lora_cfg, dtype=weights_dtype(precision), device=fabric.device)
+        model = load_lora_model(checkpoint_dir, lora, dtype=weights_dtype(precision), device=fabric.device, config=config)
         if precision == "bf16-true":
             model = model.to(torch.bfloat16)
     mark_only_lora_as_trainable(model)
@@ -175,9 +134,9 @@ def main(
         if fsdp:  # every rank takes part in gathering the LoRA shards; rank 0 writes one whole adapter
             tensors = gather_parameters(fabric, model, keep=is_lora_key)
             if fabric.global_rank == 0:
-                write_adapter(tensors, path, adapter_metadata(lora_cfg, config, prompt_style, special_tokens=special_tokens))
+                write_adapter(tensors, path, adapter_metadata(lora, config, prompt_style, special_tokens=special_tokens))
         elif fabric.global_rank == 0:
-            save_adapter(model.module if hasattr(model, "module") else model, path, lora_cfg, prompt_style=prompt_style,
+            save_adapter(model.module if hasattr(model, "module") else model, path, lora, prompt_style=prompt_style,
                          save_embedding_layers=save_embedding_layers, special_tokens=special_tokens)
         fabric.print(f"Saved adapter to {path}")
         fabric.barrier()
@@ -189,7 +148,7 @@ def main(
 
 def grow_for_special_tokens(lora: LoRAConfig, config: LLaMAConfig, tokenizer: Tokenizer) -> LoRAConfig:
     """The LoRAConfig that gives the data's special tokens rows to learn: the vocabulary grown to
-    the tokenizer's (resize_vocab), and the embedding and head trained fully (--train_embeddings)
+    the tokenizer's (resize_vocab), and the embedding and head trained fully (--lora.train_embedding, --lora.train_head)
     unless LoRA on the embedding already adapts them."""
     pieces = tokenizer.processor.vocab_size()
     if pieces != config.vocab_size:
@@ -197,8 +156,8 @@ def grow_for_special_tokens(lora: LoRAConfig, config: LLaMAConfig, tokenizer: To
                          "special tokens get the ids after the vocabulary, so the two must agree; use the checkpoint's tokenizer")
     needed = tokenizer.vocab_size
     if lora.resize_vocab is not None and lora.resize_vocab < needed:
-        raise ValueError(f"--resize_vocab {lora.resize_vocab} leaves no row for some of the {len(tokenizer.special_tokens)} "
-                         f"special tokens (they need {needed}); drop --resize_vocab or raise it")
+        raise ValueError(f"--lora.resize_vocab {lora.resize_vocab} leaves no row for some of the {len(tokenizer.special_tokens)} "
+                         f"special tokens (they need {needed}); drop --lora.resize_vocab or raise it")
     train_full = not (lora.train_embedding or lora.embedding)  # new rows that nothing trains would stay the mean
     return dataclasses.replace(lora, resize_vocab=lora.resize_vocab or needed,
                                train_embedding=lora.train_embedding or train_full, train_head=lora.train_head or train_full)

@@ -10,56 +10,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run
-from lit_llama.generation import compiled_decode_for, decode_one_token, generate, pack_linear_weights, packs_weights
-from lit_llama.model import LLaMA
+from lit_llama.decode_speedups import packs_weights, prepare_decoding
+from lit_llama.generation import generate
+from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
-
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def pack_weights_timed(model: LLaMA) -> None:
-    """`pack_linear_weights`, with the time it took printed as compilation time is."""
-    t0 = time.perf_counter()
-    if n_packed := pack_linear_weights(model):
-        print(f"Packed {n_packed} linear layers for oneDNN in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-
-
-def prepare_decoding(
-    model: LLaMA, compile: bool, pack: bool, batch_size: int, prompt_len: int, max_new_tokens: int,
-) -> Callable:
-    """The decode step to generate with, eager or compiled here (its compilation time printed apart),
-    after packing the weights for oneDNN if `pack` (what `packs_weights` said when the caller chose how
-    to load them)."""
-    if pack:
-        pack_weights_timed(model)
-    if not compile:
-        return decode_one_token
-    t0 = time.perf_counter()
-    decode_fn = compiled_decode_for(model, batch_size, prompt_len, max_new_tokens)
-    print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return decode_fn
-
-
-def resolve_device(accelerator: str) -> torch.device:
-    if accelerator == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--accelerator cuda was asked for but no CUDA device is available; use --accelerator cpu")
-    return torch.device(accelerator)
 
 
 def main(
@@ -100,14 +60,14 @@ def main(
     if precision == "16-true" and device.type == "cpu":
         raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
     torch.manual_seed(seed)
-    load_config(checkpoint_dir)  # names a wrong folder as such, before the tokenizer inside it is missed
+    config = load_config(checkpoint_dir)  # names a wrong folder as such, before the tokenizer inside it is missed
     tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, tokenizer_path)
 
     t0 = time.perf_counter()
     # Weights that prepare_decoding will pack are read into memory rather than mapped from the file,
     # so that each unpacked weight is freed as its packed copy is made.
     pack = packs_weights(device, compile, num_samples)
-    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=not pack)
+    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=not pack, config=config)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

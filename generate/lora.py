@@ -17,16 +17,16 @@ from typing import Literal
 
 import torch
 
+from lit_llama.adapter import copy_adapter_, load_adapter
 from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
-from lit_llama.generation import generate, packs_weights
-from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merged_model
+from lit_llama.decode_speedups import pack_weights_timed, packs_weights, prepare_decoding
+from lit_llama.generation import generate
+from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import get_prompt_style
+from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from base import PRECISIONS, pack_weights_timed, peak_memory_mib, prepare_decoding, resolve_device  # noqa: E402
 
 
 def main(
@@ -72,7 +72,7 @@ def main(
         return generate_many(checkpoint_dir, paths, prompt, input, max_new_tokens, temperature, top_k, top_p,
                              precision, device, prompt_style)
     lora_path = paths[0]
-    _, meta = load_adapter(lora_path)
+    adapter, meta = load_adapter(lora_path)  # read once: the tensors are copied in below
     style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca")
     tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens)  # with the tokens the adapter added
 
@@ -80,7 +80,7 @@ def main(
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
     pack = packs_weights(device, compile, 1)  # loaded unmapped if packed, as in base.py
     model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=not pack)
-    apply_adapter(model, lora_path)
+    copy_adapter_(model, adapter, meta, lora_path.name)
     model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
 

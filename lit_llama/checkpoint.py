@@ -284,13 +284,15 @@ def load_into(model: LLaMA, state_dict: dict[str, torch.Tensor], allowed_missing
 def load_model(
     checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     model_fn: Callable[[LLaMAConfig], LLaMA] = LLaMA, allowed_missing: set[str] = frozenset(), mmap: bool = True,
+    config: LLaMAConfig | None = None,
 ) -> LLaMA:
     """Build the model of `checkpoint_dir` on the meta device and assign its weights (no extra copy).
 
     `model_fn` builds a variant (e.g. a LoRA model), whose extra keys are then `allowed_missing`
-    and are initialised by the caller. `mmap`: as in `load_weights`.
+    and are initialised by the caller. `mmap`: as in `load_weights`. `config`: the checkpoint's
+    config when the caller has read it already (`load_config`), so that it is read once.
     """
-    config = load_config(checkpoint_dir)
+    config = config or load_config(checkpoint_dir)
     weights = find_weights(checkpoint_dir)
     device = torch.device(device or "cpu")
     state_dict = load_weights(weights, device="cpu" if device.type == "meta" else device, mmap=mmap)

@@ -27,15 +27,22 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Dataset
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from lit_llama.checkpoint import TOKENIZER_NAME, atomic_path, atomic_write_text, save_weights
 from lit_llama.prompts import PromptStyle, get_prompt_style
+from lit_llama.samplers import MicroBatchSampler
 from lit_llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # only for the annotation: importing lightning takes seconds, data preparation needs none of it
+    import lightning as L
 
 IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
 SPLITS = ("train", "test")
@@ -110,8 +117,6 @@ class InstructionDataset(Dataset):
     """A split written by `save_dataset`; item i is dict(input_ids=LongTensor (T,), labels=LongTensor (T,))."""
 
     def __init__(self, path: Path | str) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"dataset file {str(self.path)!r} does not exist; run scripts/prepare_alpaca.py first")
@@ -280,8 +285,6 @@ def split_train_test(records: Sequence[Any], test_size: int | float, seed: int) 
 
 def download(url: str, path: Path | str, timeout: float = 60.0) -> Path:
     """Download `url` to `path` (atomically, with a progress bar); a one-line error when offline."""
-    from tqdm import tqdm
-
     path = Path(path)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -334,8 +337,6 @@ def prepare_instruction_data(
     Everything is checked and tokenized before the first file is written, so a bad input leaves
     destination_path as it was.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
     style = get_prompt_style(prompt_style)
@@ -395,3 +396,32 @@ def prepare_instruction_data(
         print(f"warning: {n_no_target} samples have no target token left after truncation; raise --max_seq_length")
     print(f"wrote {destination_path}/{{train,test}}.safetensors and {META_NAME} in {summary['seconds']:.2f} s")
     return summary
+
+
+def instruction_dataloaders(
+    fabric: L.Fabric, data_dir: Path, micro_batch_size: int, pad_id: int, seed: int
+) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
+    """Epoch-based loaders over the prepared train/test splits (each sample once per epoch, reshuffled)."""
+    train_set, val_set = load_splits(data_dir)
+    for name, split in (("train", train_set), ("test", val_set)):
+        if len(split) == 0:
+            raise ValueError(f"the {name} split in {str(data_dir)!r} holds no samples; prepare the data again with more records")
+    if not bool((train_set.labels != IGNORE_INDEX).any()):
+        raise ValueError(
+            f"no training sample in {str(data_dir)!r} has a response token left (max_seq_length "
+            f"{train_set.metadata.get('max_seq_length')} cut them all off); prepare the data again with a larger --max_seq_length"
+        )
+    collate_fn = partial(collate, pad_id=pad_id)
+    # Each epoch's order comes from (seed, epoch) alone, so --resume can continue inside an epoch;
+    # whole micro-batches are dealt to the ranks, so the global batches do not depend on --devices.
+    sampler = MicroBatchSampler(len(train_set), micro_batch_size, shuffle=True, seed=seed,
+                                num_replicas=fabric.world_size, rank=fabric.global_rank)
+    train_loader = DataLoader(train_set, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn,
+                              generator=sampler.loader_generator)
+    # The sampler already shards by rank; Fabric's DistributedSampler wrapper would shard it again.
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
+    # A private generator: each iter() draws a seed from it, not from the global RNG dropout uses.
+    val_loader = DataLoader(val_set, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn,
+                            generator=torch.Generator().manual_seed(seed))
+    val_loader = fabric.setup_dataloaders(val_loader)
+    return train_loader, val_loader, dict(train_set.metadata)

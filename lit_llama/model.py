@@ -13,10 +13,8 @@ Shapes use one notation throughout:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,13 +86,6 @@ class LLaMAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> LLaMAConfig:
-        return cls(**json.loads(Path(path).read_text()))
 
 
 _META = "Meta params.json of the original release"
@@ -230,16 +221,6 @@ class LLaMA(nn.Module):
             x = block(x, cos, sin, input_pos, mask)
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> LLaMA:
-        """Build the model described by `checkpoint_dir/lit_config.json` and load its weights.
-        See `lit_llama.checkpoint.load_model`."""
-        from lit_llama.checkpoint import load_model
-
-        return load_model(checkpoint_dir, dtype=dtype, device=device)
 
 
 def build_cache_mask(input_pos: torch.Tensor, cache_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:

@@ -29,20 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.adapter import AdapterMeta, base_fingerprint, base_shape, copy_adapter_, load_adapter
 from lit_llama.checkpoint import load_model
 from lit_llama.generation import generate
 from lit_llama.lora import (
-    AdapterMeta,
     LoRAConfig,
     LoRAEmbedding,
     MergedLinear,
     TiedLoRAHead,
     add_lora,
-    base_fingerprint,
-    base_shape,
     build_lora_model,
-    copy_adapter_,
-    load_adapter,
     lora_state_dict,
     merged_model,
 )

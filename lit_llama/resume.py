@@ -30,14 +30,16 @@ import os
 import random
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from safetensors.torch import load_file
 
 from lit_llama.checkpoint import atomic_write_text, save_weights
+from lit_llama.run_dir import disk_errors_as_value_errors
 
 FORMAT = "lit_llama.train_state.v1"
 STATE_DIR = "train_state"
@@ -51,78 +53,6 @@ class ResumeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- data order
-class EpochSampler(Sampler[int]):
-    """Sample indices in an order that depends only on (seed, epoch), from any position in the epoch.
-
-    With `num_replicas` > 1 each rank takes every num_replicas-th index of the permutation (padded by
-    wrapping around, as DistributedSampler does), so the ranks see disjoint samples. `set_position`
-    picks the epoch and how many of this rank's samples to skip. It is not called `set_epoch` on
-    purpose: Fabric calls `set_epoch(number of iterations so far)` on every sampler it finds, which
-    after a resume is not the epoch.
-    """
-
-    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        if num_samples <= 0:
-            raise ValueError("the training set is empty; prepare the data again with more records")
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.start = 0
-        # Handed to the DataLoader: it draws its workers' base seed from it on every iter(), which
-        # would otherwise come from (and advance) the global RNG that dropout uses.
-        self.loader_generator = torch.Generator().manual_seed(seed)
-
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """The next iteration yields epoch `epoch`'s order from this rank's `start`-th sample on."""
-        self.epoch, self.start = epoch, start
-        self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
-
-    def order(self, epoch: int) -> list[int]:
-        """This rank's full index order for `epoch`."""
-        if self.shuffle:
-            # Seeded by (seed, epoch) only, never by a generator that advanced through earlier epochs.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            indices = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            indices = list(range(self.num_samples))
-        per_rank = len(self)
-        indices += indices[: per_rank * self.num_replicas - len(indices)]  # wrap so every rank gets per_rank
-        return indices[self.rank:: self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start:])
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.num_replicas)  # ceil: the full epoch, whatever the start
-
-    def describe(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "shuffle": self.shuffle, "seed": self.seed, "num_replicas": self.num_replicas}
-
-
-def resumable_dataloader(
-    fabric: Any, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, collate_fn: Any = None
-) -> DataLoader:
-    """A training DataLoader over an `EpochSampler` (sharded over fabric's ranks), set up by fabric.
-
-    `fit` finds the sampler, positions it at every epoch, and so can resume in the middle of one."""
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=fabric.world_size, rank=fabric.global_rank)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                        generator=sampler.loader_generator)
-    # The sampler already shards by rank; Fabric's DistributedSampler wrapper would shard it again.
-    return fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-
-
-def epoch_sampler(loader: Any) -> EpochSampler | None:
-    """The EpochSampler behind a (Fabric-wrapped) DataLoader, or None."""
-    inner = getattr(loader, "_dataloader", loader)
-    for candidate in (getattr(inner, "sampler", None), getattr(getattr(inner, "batch_sampler", None), "sampler", None)):
-        if isinstance(candidate, EpochSampler):
-            return candidate
-    return None
-
 
 # ------------------------------------------------------------------------------------- RNG states
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -352,8 +282,6 @@ def load_train_state(
 ) -> dict[str, torch.Tensor]:
     """Copy the state's trainable weights into `model` and its optimizer state into `optimizer`
     (`doc` from `verify_state`); returns the RNG tensors for the caller to restore."""
-    from safetensors.torch import load_file
-
     path = manifest.parent / doc["tensors"]["file"]
     try:
         tensors = load_file(path)  # safetensors: reading it cannot run code, unlike a pickle
@@ -414,3 +342,99 @@ def clean_stale_temps(directory: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+# ------------------------------------------------------------------------ what fit saves and restores
+@dataclass
+class Progress:
+    """Where a run stands: the counters `fit` keeps, what a training state records besides tensors."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # 0-based index of the epoch in progress
+    micro_in_epoch: int = 0  # micro-batches of that epoch consumed
+    tokens: int = 0  # trained tokens over all ranks, as of the last sync
+    samples: int = 0
+    last_val: float = float("nan")
+    running_loss: list[torch.Tensor] = field(default_factory=list)  # losses since the last log line, on the device
+    elapsed_s: float = 0.0
+
+
+def _gather_rng(fabric: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's RNG tensors stacked along a leading rank dimension (on rank 0's side)."""
+    if fabric.world_size == 1:
+        return {k: t[None] for k, t in tensors.items()}
+    return {k: fabric.all_gather(t.to(fabric.device)).cpu() for k, t in tensors.items()}
+
+
+def _rank_mean(fabric: Any, losses: list[torch.Tensor]) -> list[float]:
+    """Each logged-but-not-yet-averaged loss, averaged over the ranks (a resumed run restores the
+    same list on every rank, so its next logged mean is the mean an uninterrupted run logs)."""
+    if not losses:
+        return []
+    return fabric.all_reduce(torch.stack(losses), reduce_op="mean").tolist()
+
+
+def save_run_state(
+    fabric: Any, out_dir: Path, progress: Progress, micro_per_epoch: int, extra: dict[str, Any],
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator] | None,
+    keep_last: int,
+) -> None:
+    """The training state after `progress.step` optimizer steps (the RNG as the next step will find
+    it), written by rank 0 into out_dir/train_state; `extra` (total_steps, geometry) is stored with
+    the counters. Every rank must call it."""
+    at_end = progress.micro_in_epoch >= micro_per_epoch  # the next step starts the next epoch
+    counters = dict(step=progress.step, epoch=progress.epoch + at_end, micro_in_epoch=0 if at_end else progress.micro_in_epoch,
+                    tokens=progress.tokens, samples=progress.samples, last_val=progress.last_val,
+                    running_loss=_rank_mean(fabric, progress.running_loss), elapsed_s=progress.elapsed_s, **extra)
+    rng_tensors, rng_plain = capture_rng(generators)
+    rng_tensors = _gather_rng(fabric, rng_tensors)
+    if fabric.global_rank == 0:
+        state_dir = out_dir / STATE_DIR
+        with disk_errors_as_value_errors(state_dir):
+            save_train_state(state_dir, progress.step, model, optimizer, counters, (rng_tensors, rng_plain), keep_last)
+    fabric.barrier()
+
+
+def restore_run(
+    fabric: Any, resume: Path | Literal["auto"], out_dir: Path, geometry: dict[str, Any],
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator] | None,
+) -> tuple[Progress, Path | None]:
+    """Continue from a training state: "auto" is out_dir's newest intact one (a fresh start if there
+    is none), a path that run's. Restores the trainable weights, the optimizer, this rank's RNG
+    states and the named `generators`; returns the counters and the state's path (None: fresh).
+    `geometry` (batch sizes, devices, data) must equal the saved one for the batches to line up."""
+    state_dir = out_dir / STATE_DIR
+    if fabric.global_rank == 0:
+        for p in clean_stale_temps(out_dir):
+            fabric.print(f"Removed {p}, left by an interrupted write")
+    source = resolve_resume(resume, out_dir)
+    found = (source, verify_state(source)) if source.is_file() else find_good_state(source)
+    if found is None:
+        fabric.print(f"No training state in {source}: starting from scratch")
+        return Progress(), None
+    resumed_from, doc = found
+    c = from_json(doc["counters"])
+    if c["geometry"] != geometry:
+        changed = sorted(k for k in geometry if c["geometry"].get(k) != geometry[k])
+        then = ", ".join(f"{k}={c['geometry'].get(k)}" for k in changed)
+        raise ValueError(
+            f"cannot resume from {resumed_from}: {', '.join(changed)} changed since it was saved ({then}); "
+            "resume with the same data, batch sizes, devices and seed, or start a new --out_dir"
+        )
+    rng = load_train_state(resumed_from, doc, model, optimizer)
+    if fabric.global_rank == 0 and resumed_from.parent.resolve() == state_dir.resolve():
+        discard_states_after(state_dir, c["step"])
+    rank_rng = {}
+    for k, t in rng.items():
+        if t.size(0) != fabric.world_size:
+            raise ValueError(f"cannot resume from {resumed_from}: it holds RNG states of {t.size(0)} devices, "
+                             f"this run has {fabric.world_size}; resume with --devices {t.size(0)}")
+        # A copy: torch.set_rng_state misreads a view at a storage offset (rank > 0: "Invalid
+        # mt19937 state" or a segfault, torch 2.13).
+        rank_rng[k] = t[fabric.global_rank].clone()
+    restore_rng(rank_rng, doc["rng"], generators)
+    progress = Progress(step=c["step"], epoch=c["epoch"], micro_in_epoch=c["micro_in_epoch"], tokens=c["tokens"],
+                        samples=c["samples"], last_val=c["last_val"],
+                        running_loss=[torch.tensor(x, device=fabric.device) for x in c["running_loss"]],
+                        elapsed_s=c["elapsed_s"])
+    return progress, resumed_from

@@ -23,19 +23,14 @@ from torch.utils.data import DataLoader
 
 from lit_llama.checkpoint import TOKENIZER_NAME, save_checkpoint
 from lit_llama.cli import run
+from lit_llama.distributed import setup_fabric, setup_model_and_optimizer
+from lit_llama.generation import greedy_sampler
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.pretrain_data import PretrainDataset, read_meta
-from lit_llama.resume import resumable_dataloader
+from lit_llama.run_dir import check_out_dir, write_hparams
+from lit_llama.samplers import resumable_dataloader
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import (
-    TrainConfig,
-    check_out_dir,
-    fit,
-    greedy_sampler,
-    setup_fabric,
-    setup_model_and_optimizer,
-    write_hparams,
-)
+from lit_llama.training import TrainConfig, fit
 
 DEFAULT_TRAIN = TrainConfig(
     learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32, max_iters=600, warmup_steps=30,

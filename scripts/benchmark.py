@@ -198,7 +198,8 @@ def timed_training(train_step, spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- generation
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     from lit_llama.checkpoint import load_model
-    from lit_llama.generation import compile_decode_step, decode_one_token, generate, pack_linear_weights, packs_weights
+    from lit_llama.decode_speedups import compile_decode_step, pack_linear_weights, packs_weights
+    from lit_llama.generation import decode_one_token, generate
 
     model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]], mmap=False)  # packed below, as generate/base.py
     decode_fn = compile_decode_step("cpu") if spec["compile"] else decode_one_token

@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from lit_llama.adapter import check_adapter_base, load_adapter
 from lit_llama.checkpoint import atomic_write_text, load_config, save_weights
 from lit_llama.cli import run
-from lit_llama.lora import check_adapter_base, load_adapter, lora_to_peft
 from lit_llama.model import LLaMAConfig
+from lit_llama.peft_interop import lora_to_peft
 
 
 def main(

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from lit_llama.adapter import adapter_metadata, write_adapter
 from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
-from lit_llama.lora import adapter_metadata, is_lora_key, peft_to_lora, write_adapter
+from lit_llama.lora import is_lora_key
+from lit_llama.peft_interop import peft_to_lora
 
 
 def read_peft_dir(peft_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from lit_llama.adapter import AdapterMeta, apply_adapter, load_adapter
 from lit_llama.checkpoint import TOKENIZER_NAME, atomic_write_text, load_model
 from lit_llama.cli import run
 from lit_llama.data import load_records
 from lit_llama.evaluate import exact_match, perplexity
-from lit_llama.lora import AdapterMeta, apply_adapter, load_adapter, load_lora_model, merge_lora_weights
+from lit_llama.lora import load_lora_model, merge_lora_weights
 from lit_llama.model import LLaMA
 from lit_llama.pretrain_data import load_tokens, read_meta, token_path
 

@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from lit_llama.adapter import read_adapter_file
 from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
 from lit_llama.convert_hf import lit_shapes
-from lit_llama.lora import is_lora_key, read_adapter_file
+from lit_llama.lora import is_lora_key
 from lit_llama.model import LLaMAConfig
 
 

@@ -18,9 +18,10 @@ from typing import Literal
 
 import torch
 
+from lit_llama.adapter import copy_adapter_, load_adapter
 from lit_llama.checkpoint import TOKENIZER_NAME, atomic_write_text, load_config, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.lora import apply_adapter, load_adapter, load_lora_model, merged_model
+from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.tokenizer import SPECIAL_TOKENS_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,11 +43,11 @@ def main(
     """
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError("--output_dir must differ from --checkpoint_dir; the base checkpoint is never overwritten")
-    load_config(checkpoint_dir)  # a clear error for a wrong directory before anything heavy
-    _, meta = load_adapter(lora_path)
+    config = load_config(checkpoint_dir)  # a clear error for a wrong directory before anything heavy
+    adapter, meta = load_adapter(lora_path)  # read once: the tensors are copied in below
     t0 = time.perf_counter()
-    model = load_lora_model(checkpoint_dir, meta.lora)
-    apply_adapter(model, lora_path)
+    model = load_lora_model(checkpoint_dir, meta.lora, config=config)
+    copy_adapter_(model, adapter, meta, lora_path.name)
     base_dtype = model.lm_head.weight.dtype
     # W += scaling * B A in fp32, cast back to W's dtype; a plain LLaMA takes the merged tensors by
     # assignment, with the config the adapter implies (tied stays tied; untied or grown vocab change it).

@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from lit_llama.checkpoint import atomic_write_text
+from lit_llama.checkpoint import atomic_write_text, load_config
 from lit_llama.cli import run
+from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def main(
              train=TrainConfig(learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32, max_iters=finetune_iters,
                                warmup_steps=10, eval_interval=max(1, finetune_iters // 5), eval_iters=4, save_interval=10**9,
                                log_interval=10),
-             lora_r=8, lora_alpha=16, lora_dropout=0.0,
+             lora=LoRAConfig(r=8, alpha=16, dropout=0.0),
              sample_instruction=json.loads((data / "train.json").read_text())[0]["instruction"],  # shown at each eval
          ), timings)
     adapter = lora_dir / "lit_model.lora.safetensors"
@@ -163,8 +164,6 @@ def main(
 
 
 def base_config_block_size(checkpoint_dir: Path) -> int:
-    from lit_llama.checkpoint import load_config
-
     return load_config(checkpoint_dir).block_size
 
 

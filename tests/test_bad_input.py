@@ -91,9 +91,10 @@ def zygote():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, zygote):
+    from lit_llama.adapter import save_adapter
     from lit_llama.checkpoint import save_checkpoint
     from lit_llama.data import prepare_instruction_data
-    from lit_llama.lora import LoRAConfig, build_lora_model, save_adapter
+    from lit_llama.lora import LoRAConfig, build_lora_model
     from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
     t = tmp_path_factory.mktemp("bad_input")
@@ -253,9 +254,9 @@ CASES: dict[str, Case] = {
     "checkpoint for another config": Case(
         lambda e, o: finetune(e, o, checkpoint=e.base_other_config), ("does not match", "convert")),
     "truncated weights": Case(lambda e, o: finetune(e, o, checkpoint=e.base_truncated), ("cannot read weights", "again")),
-    "LoRA rank 0": Case(lambda e, o: finetune(e, o, "--lora_r", "0"), "lora r must be a positive integer"),
-    "LoRA rank negative": Case(lambda e, o: finetune(e, o, "--lora_r", "-4"), "lora r must be a positive integer"),
-    "LoRA dropout 1": Case(lambda e, o: finetune(e, o, "--lora_dropout", "1.0"), "lora dropout"),
+    "LoRA rank 0": Case(lambda e, o: finetune(e, o, "--lora.r", "0"), "lora r must be a positive integer"),
+    "LoRA rank negative": Case(lambda e, o: finetune(e, o, "--lora.r", "-4"), "lora r must be a positive integer"),
+    "LoRA dropout 1": Case(lambda e, o: finetune(e, o, "--lora.dropout", "1.0"), "lora dropout"),
     "micro_batch_size > batch_size": Case(
         lambda e, o: finetune(e, o, "--train.micro_batch_size", "4", "--train.batch_size", "2"), "try --train.batch_size 4"),
     "micro_batch_size not dividing batch_size": Case(
@@ -360,7 +361,7 @@ def test_bad_input_gives_one_clear_line_and_leaves_nothing_partial(env, zygote, 
 
 
 def test_zygote_matches_a_plain_subprocess(env, zygote, tmp_path):
-    argv = finetune(env, tmp_path / "out", "--lora_r", "0")
+    argv = finetune(env, tmp_path / "out", "--lora.r", "0")
     forked = zygote.run(argv, tmp_path)
     plain = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert (forked.returncode, forked.stderr.strip().splitlines()[-1]) == (plain.returncode, plain.stderr.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_llama.checkpoint import load_config
+from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run as cli_run
 from lit_llama.convert_hf import (
     config_from_hf,
@@ -99,7 +99,7 @@ def test_hf_to_lit_to_hf_round_trip_is_bit_exact(layout, overrides, tmp_path):
     (tmp_path / "hf" / "tokenizer.model").write_bytes(b"not a real tokenizer, only copied")
     load_script("convert_hf_checkpoint").main(checkpoint_dir=tmp_path / "hf", output_dir=tmp_path / "lit")
     assert (tmp_path / "lit" / "tokenizer.model").read_bytes() == b"not a real tokenizer, only copied"
-    assert LLaMA.from_checkpoint(tmp_path / "lit").config.n_query_groups == overrides["num_key_value_heads"]
+    assert load_model(tmp_path / "lit").config.n_query_groups == overrides["num_key_value_heads"]
     load_script("convert_lit_checkpoint").main(checkpoint_dir=tmp_path / "lit", output_dir=tmp_path / "back")
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(back) == sorted(original)
@@ -134,7 +134,7 @@ def test_dtype_and_pth_format(tmp_path):
     assert sorted(bf16) == sorted(pth)
     for name in pth:
         assert torch.equal(bf16[name], pth[name].to(torch.bfloat16)), name
-    LLaMA.from_checkpoint(tmp_path / "pth")
+    load_model(tmp_path / "pth")
 
 
 def test_config_from_hf_reads_transformers_config():

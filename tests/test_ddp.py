@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from lit_llama.checkpoint import save_checkpoint
+from lit_llama.distributed import check_strategy, gather_parameters, make_strategy, setup_fabric
 from lit_llama.lora import LoRAConfig, MergedLinear, build_lora_model
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
-from lit_llama.resume import EpochSampler
-from lit_llama.training import MicroBatchSampler, check_strategy, gather_parameters, make_strategy, setup_fabric
+from lit_llama.samplers import EpochSampler, MicroBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -62,7 +62,7 @@ def finetune(workdir: Path, out: Path, devices: int, *extra) -> float:
     t0 = time.perf_counter()
     run("finetune/lora.py", "--data_dir", workdir / "data", "--checkpoint_dir", workdir / "base", "--out_dir", out,
         "--precision", "32-true", "--accelerator", "cpu", "--devices", devices, "--strategy", "ddp" if devices > 1 else "auto",
-        "--seed", 7, "--lora_dropout", 0.0, "--train.batch_size", 4, "--train.micro_batch_size", 2,
+        "--seed", 7, "--lora.dropout", 0.0, "--train.batch_size", 4, "--train.micro_batch_size", 2,
         "--train.max_iters", 4, "--train.learning_rate", 1e-2, "--train.warmup_steps", 1, "--train.eval_interval", 100,
         "--train.eval_iters", 1, "--train.save_interval", 2, "--train.keep_last", 2, *extra)
     return time.perf_counter() - t0

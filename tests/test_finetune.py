@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_llama.adapter import apply_adapter, load_adapter
 from lit_llama.checkpoint import load_model, save_checkpoint
-from lit_llama.lora import apply_adapter, load_adapter, load_lora_model
+from lit_llama.lora import load_lora_model
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ def test_lora_finetune_trains_saves_only_lora_and_generates(workdir):
         "finetune/lora.py", "--data_dir", workdir / "data", "--checkpoint_dir", workdir / "base", "--out_dir", out,
         "--precision", "32-true", "--accelerator", "cpu", "--train.max_iters", 24, "--train.batch_size", 4,
         "--train.micro_batch_size", 2, "--train.learning_rate", 1e-2, "--train.warmup_steps", 2,
-        "--train.eval_interval", 12, "--train.eval_iters", 4, "--train.save_interval", 12, "--lora_dropout", 0.0,
+        "--train.eval_interval", 12, "--train.eval_iters", 4, "--train.save_interval", 12, "--lora.dropout", 0.0,
     )
     train_losses = losses(out / "metrics.csv", "train_loss")
     val_losses = losses(out / "metrics.csv", "val_loss")
@@ -67,7 +68,7 @@ def test_lora_finetune_trains_saves_only_lora_and_generates(workdir):
     adapter = out / "lit_model.lora.safetensors"
     assert (out / "iter-000012-lit_model.lora.safetensors").is_file()
     hparams = json.loads((out / "hparams.json").read_text())
-    assert hparams["lora_r"] == 8 and hparams["train"]["max_iters"] == 24
+    assert hparams["lora"]["r"] == 8 and hparams["train"]["max_iters"] == 24
     tensors, meta = load_adapter(adapter)
     assert all(k.endswith(("lora_A", "lora_B")) for k in tensors)
     config = LLaMAConfig.from_name("tiny", vocab_size=32000, block_size=128)
@@ -161,7 +162,7 @@ def test_full_finetune_writes_a_loadable_checkpoint_and_learns(workdir):
     "args, message",
     [
         (["--train.micro_batch_size", "3", "--train.batch_size", "4"], "multiple of micro_batch_size"),
-        (["--lora_r", "0"], "lora r"),
+        (["--lora.r", "0"], "lora r"),
         (["--train.batch_size", "0"], "batch_size"),
         (["--precision", "16-mixed", "--accelerator", "cpu"], "needs a GPU"),
     ],

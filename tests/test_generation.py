@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.generation import (
+from lit_llama.checkpoint import load_model
+from lit_llama.decode_speedups import (
     PackedLinear,
     can_pack_linear,
     compile_decode_step,
-    generate,
-    logits_to_probs,
     matvec_as_reduction,
     pack_linear_weights,
 )
+from lit_llama.generation import generate, logits_to_probs
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
 transformers = pytest.importorskip("transformers")
@@ -81,7 +81,7 @@ def prompts(*lengths: int, seed: int = 3) -> list[torch.Tensor]:
 def pair(request, tmp_path_factory):
     """(HF model, our model converted from it)."""
     hf = random_hf_llama(num_key_value_heads=4 if request.param == "mha" else 2)
-    return hf, LLaMA.from_checkpoint(convert(hf, tmp_path_factory.mktemp(request.param)))
+    return hf, load_model(convert(hf, tmp_path_factory.mktemp(request.param)))
 
 
 def test_greedy_matches_hf_generate(pair):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lit_llama.adapter import apply_adapter, load_adapter, save_adapter
 from lit_llama.checkpoint import (
     CheckpointError,
     load_weights,
@@ -16,15 +17,12 @@ from lit_llama.checkpoint import (
 from lit_llama.lora import (
     LoRAConfig,
     MergedLinear,
-    apply_adapter,
     build_lora_model,
-    load_adapter,
     load_lora_model,
     lora_param_count,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
-    save_adapter,
     unmerge_lora_weights,
 )
 from lit_llama.model import LLaMA, LLaMAConfig

@@ -19,19 +19,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lit_llama.adapter import apply_adapter, load_adapter, save_adapter
 from lit_llama.checkpoint import load_into, load_weights, model_state_dict, save_checkpoint
 from lit_llama.lora import (
     LoRAConfig,
     add_lora,
-    apply_adapter,
     build_lora_model,
-    load_adapter,
     load_lora_model,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
     merged_model,
-    save_adapter,
     unmerge_lora_weights,
 )
 from lit_llama.model import LLaMA, LLaMAConfig
@@ -429,7 +427,7 @@ def test_v1_adapter_file_still_loads(tmp_path):
     """A file as the previous save_adapter wrote it (format v1, no new metadata keys)."""
     lora = LoRAConfig(r=4, alpha=8, key=True)
     model = lora_model("tiny", lora)
-    from lit_llama.lora import base_fingerprint, base_shape
+    from lit_llama.adapter import base_fingerprint, base_shape
 
     meta = {
         "format": "lit_llama.lora.v1", "r": "4", "alpha": "8.0", "dropout": "0.05", "targets": "query,key,value",

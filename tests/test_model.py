@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.checkpoint import CheckpointError, load_weights, save_config, save_weights
+from lit_llama.checkpoint import CheckpointError, load_model, load_weights, save_config, save_weights
 from lit_llama.convert_hf import hf_to_meta_rows, meta_to_hf_rows
-from lit_llama.model import LLaMA, apply_rope, rope_angles
+from lit_llama.model import apply_rope, rope_angles
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +64,7 @@ def convert(hf_model, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_hf_llama(name, tmp_path):
     hf = random_hf_llama(**CONFIGS[name])
-    model = LLaMA.from_checkpoint(convert(hf, tmp_path))
+    model = load_model(convert(hf, tmp_path))
     assert model.config.n_query_groups == CONFIGS[name]["num_key_value_heads"]
     idx = torch.randint(0, BASE["vocab_size"], (2, BASE["max_position_embeddings"]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_logits_match_hf_llama(name, tmp_path):
 def test_tied_head_is_the_embedding_after_from_checkpoint(tmp_path):
     lit_dir = convert(random_hf_llama(**CONFIGS["tied"]), tmp_path)
     assert "lm_head.weight" not in load_weights(lit_dir / "lit_model.safetensors")
-    model = LLaMA.from_checkpoint(lit_dir)
+    model = load_model(lit_dir)
     assert model.config.tie_embeddings
     assert model.lm_head.weight is model.transformer.wte.weight
 
@@ -123,7 +123,7 @@ def test_hf_to_meta_rows_and_meta_to_hf_rows_are_exact_inverses(n_heads):
 
 @pytest.fixture(scope="module")
 def gqa_model(tmp_path_factory):
-    return LLaMA.from_checkpoint(convert(random_hf_llama(**CONFIGS["gqa"]), tmp_path_factory.mktemp("gqa")))
+    return load_model(convert(random_hf_llama(**CONFIGS["gqa"]), tmp_path_factory.mktemp("gqa")))
 
 
 def test_kv_cache_token_by_token_matches_full_forward(gqa_model):
@@ -167,4 +167,4 @@ def test_strict_loading_names_the_offending_key(change, gqa_model, tmp_path):
     save_weights(state_dict, tmp_path / "lit_model.safetensors")
     save_config(gqa_model.config, tmp_path)
     with pytest.raises(CheckpointError, match=rf"{change if change == 'missing' else 'unexpected'}.*{key}"):
-        LLaMA.from_checkpoint(tmp_path)
+        load_model(tmp_path)

@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_llama.adapter import apply_adapter, load_adapter, save_adapter
 from lit_llama.checkpoint import load_model, save_checkpoint
-from lit_llama.generation import can_pack_linear, generate, pack_linear_weights
-from lit_llama.lora import (
-    LoRAConfig,
-    apply_adapter,
-    load_adapter,
-    load_lora_model,
-    lora_state_dict,
-    merged_model,
-    save_adapter,
-)
+from lit_llama.decode_speedups import can_pack_linear, pack_linear_weights
+from lit_llama.generation import generate
+from lit_llama.lora import LoRAConfig, load_lora_model, lora_state_dict, merged_model
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.multi_lora import (
     benchmark_multi_adapter,

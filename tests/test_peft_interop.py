@@ -15,16 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lit_llama.adapter import apply_adapter, load_adapter, save_adapter
 from lit_llama.checkpoint import save_checkpoint
-from lit_llama.lora import (
-    LoRAConfig,
-    apply_adapter,
-    full_trained_parameters,
-    load_adapter,
-    load_lora_model,
-    lora_state_dict,
-    save_adapter,
-)
+from lit_llama.lora import LoRAConfig, full_trained_parameters, load_lora_model, lora_state_dict
 from lit_llama.model import LLaMA, LLaMAConfig
 
 transformers = pytest.importorskip("transformers")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lit_llama.model import LLaMA
+from lit_llama.checkpoint import load_model
 from lit_llama.pretrain_data import PretrainDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_pretrain_loss_decreases_and_checkpoint_reloads(prepared, pretrained):
     assert val_losses[-1] < 0.7 * val_losses[0], val_losses
     assert (out / "iter-000020-final" / "lit_config.json").is_file()
 
-    model = LLaMA.from_checkpoint(out / "final")
+    model = load_model(out / "final")
     assert model.config.vocab_size == 400 and model.config.block_size == 32
     assert (out / "final" / "tokenizer.model").read_bytes() == (data_dir / "tokenizer.model").read_bytes()
     # The saved weights are the trained ones: the same validation loss, recomputed here over the

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.lora import read_adapter_file, write_adapter
+from lit_llama.adapter import read_adapter_file, write_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ("--pretrain_iters", "300", "--finetune_iters", "150", "--n_test", "90")

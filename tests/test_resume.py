@@ -22,18 +22,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lit_llama.checkpoint import save_checkpoint
 from lit_llama.data import collate
+from lit_llama.distributed import setup_fabric
 from lit_llama.lora import LoRAConfig, build_lora_model, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
-from lit_llama.resume import (
-    STATE_DIR,
-    EpochSampler,
-    flatten_optimizer,
-    list_states,
-    resumable_dataloader,
-    unflatten_optimizer,
-    verify_state,
-)
-from lit_llama.training import TrainConfig, fit, setup_fabric
+from lit_llama.resume import STATE_DIR, flatten_optimizer, list_states, unflatten_optimizer, verify_state
+from lit_llama.samplers import EpochSampler, resumable_dataloader
+from lit_llama.training import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -234,7 +228,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
                 str(tmp_path / "base"), "--out_dir", str(out), "--precision", "32-true", "--accelerator", "cpu",
                 "--train.max_iters", "30", "--train.batch_size", "4", "--train.micro_batch_size", "2",
                 "--train.learning_rate", "1e-2", "--train.warmup_steps", "2", "--train.eval_interval", "10",
-                "--train.eval_iters", "2", "--train.save_interval", "1", "--lora_dropout", "0.1", *extra]
+                "--train.eval_iters", "2", "--train.save_interval", "1", "--lora.dropout", "0.1", *extra]
 
     subprocess.run(command(tmp_path / "ref"), cwd=ROOT, check=True, capture_output=True, timeout=300)
 

@@ -59,7 +59,7 @@ def test_load_weights_refuses_a_pickle_with_code(tmp_path, marker):
 
 
 def test_load_adapter_refuses_a_pickle_with_code(tmp_path, marker):
-    from lit_llama.lora import load_adapter
+    from lit_llama.adapter import load_adapter
 
     path = plant(tmp_path / "lit_model.lora.pth", marker, wrap=lambda evil: {"lora": {"x.lora_A": evil}, "meta": {}})
     with pytest.raises(ValueError, match=r"cannot read adapter"):

@@ -53,7 +53,7 @@ def test_masked_loss_of_a_batch_without_targets_is_zero_not_nan():
 
 def test_loss_curve_png_is_drawn_from_the_metrics_rows(tmp_path):
     pytest.importorskip("matplotlib")  # in the test extra; the note path below runs without it
-    from lit_llama.training import plot_loss_curve
+    from lit_llama.run_dir import plot_loss_curve
 
     rows = [{"step": 0, "val_loss": 5.0}] + [{"step": s, "train_loss": 5.0 / s} for s in range(1, 21)]
     rows.append({"step": 20, "val_loss": 0.4})
@@ -64,7 +64,7 @@ def test_loss_curve_png_is_drawn_from_the_metrics_rows(tmp_path):
 
 
 def test_loss_curve_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
-    from lit_llama.training import plot_loss_curve
+    from lit_llama.run_dir import plot_loss_curve
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
