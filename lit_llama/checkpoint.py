@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import TOKENIZER_NAME
@@ -207,9 +209,6 @@ def load_weights(path: Path | str, device: torch.device | str = "cpu", mmap: boo
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             if mmap or torch.device(device).type != "cpu":
                 return load_file(path, device=str(device))
             with safe_open(str(path), framework="pt") as f:
@@ -230,8 +229,6 @@ def open_weights(path: Path | str) -> tuple[list[str], Callable[[str], torch.Ten
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             f = safe_open(str(path), framework="pt", device="cpu")
             return list(f.keys()), f.get_tensor
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from sentencepiece import SentencePieceProcessor
+
 from lit_llama.checkpoint import TOKENIZER_NAME, atomic_copy, save_config, save_weights
 from lit_llama.cli import run
 from lit_llama.convert_llama2c import load_llama2c
@@ -35,8 +37,6 @@ def main(
         raise FileNotFoundError(f"--tokenizer_path {str(tokenizer_path)!r} does not exist")
     config, state_dict = load_llama2c(checkpoint_path)
     if tokenizer_path is not None:
-        from sentencepiece import SentencePieceProcessor
-
         n_pieces = SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
         if n_pieces != config.vocab_size:
             raise ValueError(

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lit_llama.adapter import adapter_metadata, write_adapter
 from lit_llama.checkpoint import load_config
@@ -30,9 +32,6 @@ def read_peft_dir(peft_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict[s
         raise FileNotFoundError(f"no adapter_config.json in {str(peft_dir)!r}; pass the folder PEFT's save_pretrained wrote")
     adapter_config = json.loads(config_path.read_text())
     if (peft_dir / "adapter_model.safetensors").is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         with safe_open(peft_dir / "adapter_model.safetensors", "pt") as f:
             metadata = f.metadata() or {}
         return load_file(peft_dir / "adapter_model.safetensors"), adapter_config, metadata

@@ -24,6 +24,7 @@ from lit_llama.evaluate import exact_match, perplexity
 from lit_llama.lora import load_lora_model, merge_lora_weights
 from lit_llama.model import LLaMA
 from lit_llama.pretrain_data import load_tokens, read_meta, token_path
+from lit_llama.tokenizer import Tokenizer
 
 
 def load_for_eval(checkpoint_dir: Path, lora_path: Path | None) -> tuple[LLaMA, AdapterMeta | None]:
@@ -49,8 +50,6 @@ def evaluate(
         tokens = torch.from_numpy(load_tokens(token_path(tokens_dir, split), read_meta(tokens_dir)["dtype"]).astype("int64"))
         result["perplexity"] = perplexity(model, tokens, batch_size=batch_size)
     if instructions_file is not None:
-        from lit_llama.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens) if meta else Tokenizer.from_checkpoint(checkpoint_dir)
         records = load_records(instructions_file)
         style = prompt_style or (meta and meta.prompt_style) or "alpaca"

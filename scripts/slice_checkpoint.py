@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from lit_llama.checkpoint import (
@@ -45,8 +46,6 @@ def slice_reader(weights_path: Path) -> SliceReader:
         if block_of(name) != current["block"]:
             current["tensors"] = None  # unmap the previous block's mapping before mapping again
             if weights_path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 current["tensors"] = safe_open(str(weights_path), framework="pt")
             else:
                 current["tensors"] = load_weights(weights_path)
