@@ -356,3 +356,27 @@ def test_a_folder_without_a_tokenizer_is_a_one_line_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HFTokenizer(tmp_path)
 
+
+def test_convert_hf_checkpoint_copies_the_hf_tokenizer_files(llama3_dir, tmp_path, capsys):
+    """A converted Llama 3 folder (tokenizer.json, no tokenizer.model) keeps its tokenizer and stop ids."""
+    import importlib.util
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(llama3_dir / name, tmp_path / "hf" / name)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_hf_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_hf_checkpoint", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["convert_hf_checkpoint"] = module
+    spec.loader.exec_module(module)
+    module.main(checkpoint_dir=tmp_path / "hf", output_dir=tmp_path / "lit")
+    assert "note: no" not in capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "lit" / name).read_bytes() == (llama3_dir / name).read_bytes(), name
+    assert not (tmp_path / "lit" / "tokenizer.model").exists()
+    tok = Tokenizer.from_checkpoint(tmp_path / "lit")
+    assert type(tok) is HFTokenizer and {128001, 128009} <= set(tok.stop_ids) and tok.chat_template
