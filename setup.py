@@ -14,6 +14,7 @@ setup(
         "torch>=2.5",  # a lower bound, never a pin: scaled_dot_product_attention(enable_gqa=...)
         "lightning>=2.2",
         "sentencepiece>=0.1.99",
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json (Llama 3, SmolLM2, ...), read by the format's own library
         "jsonargparse[signatures]>=4.27",
         "safetensors>=0.4",  # checkpoints that cannot execute code when loaded
         "tqdm>=4.60",  # progress bars (already a dependency of lightning)

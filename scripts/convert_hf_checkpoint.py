@@ -4,7 +4,8 @@
         --output_dir checkpoints/lit/TinyLlama-1.1B-Chat
 
 Reads config.json and the weights (*.safetensors or pytorch_model*.bin, sharded or not) one shard
-at a time, and writes lit_config.json, lit_model.safetensors and tokenizer.model. With the default
+at a time, and writes lit_config.json, lit_model.safetensors and a copy of the tokenizer files
+(tokenizer.model, tokenizer.json, tokenizer_config.json, generation_config.json, ... whichever exist). With the default
 safetensors output, peak memory stays near one input shard plus the tensor being written.
 """
 
@@ -31,6 +32,7 @@ from lit_llama.checkpoint import (
 )
 from lit_llama.cli import run
 from lit_llama.convert_hf import IGNORED_HF, config_from_hf, hf_shapes, hf_to_lit_state_dict, lit_shapes
+from lit_llama.tokenizer import HF_TOKENIZER_FILES, HF_TOKENIZER_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,10 +147,12 @@ def main(
         weights_path = output_dir / "lit_model.pth"
         save_weights({name: t.to(out_dtype) for name, t in tensors}, weights_path)
     save_config(config, output_dir)
-    if (checkpoint_dir / TOKENIZER_NAME).is_file():
-        atomic_copy(checkpoint_dir / TOKENIZER_NAME, output_dir / TOKENIZER_NAME)
-    else:
-        print(f"note: no {TOKENIZER_NAME} in {checkpoint_dir}; pass --tokenizer_path when generating", file=sys.stderr)
+    tokenizer_files = [name for name in (TOKENIZER_NAME, *HF_TOKENIZER_FILES) if (checkpoint_dir / name).is_file()]
+    for name in tokenizer_files:  # Llama 3 / SmolLM2 folders have a tokenizer.json and no tokenizer.model
+        atomic_copy(checkpoint_dir / name, output_dir / name)
+    if not {TOKENIZER_NAME, HF_TOKENIZER_NAME} & set(tokenizer_files):
+        print(f"note: no {TOKENIZER_NAME} or {HF_TOKENIZER_NAME} in {checkpoint_dir}; pass --tokenizer_path when generating",
+              file=sys.stderr)
     n_params = sum(torch.Size(s).numel() for s in shapes.values())
     print(
         f"Wrote {weights_path} ({n_params / 1e6:.2f} M parameters, {str(out_dtype).removeprefix('torch.')}, "
