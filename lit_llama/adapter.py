@@ -51,7 +51,11 @@ SaveEmbeddingLayers = Literal["auto", "true", "false"]
 
 
 def base_shape(config: LLaMAConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in SHAPE_FIELDS}
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS}
+    if config.head_size != config.n_embd // config.n_head:
+        # Recorded only when it is not n_embd // n_head, so fingerprints of older adapters still match.
+        shape["head_size"] = config.head_size
+    return shape
 
 
 def base_fingerprint(config: LLaMAConfig) -> str:
@@ -280,10 +284,11 @@ def check_adapter_base(meta: AdapterMeta, config: LLaMAConfig, name: str) -> Non
     if meta.base_fingerprint is not None and meta.base_fingerprint != base_fingerprint(config):
         ours = base_shape(config)
         theirs = meta.base_config or {}
-        diff = [k for k in SHAPE_FIELDS if theirs.get(k) != ours[k]] or list(SHAPE_FIELDS)
+        keys = list(dict.fromkeys([*ours, *theirs]))  # SHAPE_FIELDS, then head_size where either records it
+        diff = [k for k in keys if theirs.get(k) != ours.get(k)] or list(SHAPE_FIELDS)
         raise ValueError(
             f"{name} was trained for another base model ({_describe({k: theirs.get(k) for k in diff})}), "
-            f"not this one ({_describe({k: ours[k] for k in diff})}); load the base checkpoint it was finetuned from"
+            f"not this one ({_describe({k: ours.get(k) for k in diff})}); load the base checkpoint it was finetuned from"
         )
 
 

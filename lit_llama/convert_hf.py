@@ -1,4 +1,5 @@
 """Hugging Face `LlamaForCausalLM` <-> lit_llama: the config and the weights, in both directions.
+A `MistralForCausalLM` without sliding window has the same tensors and converts too (as a Llama).
 
 Everything a converter needs is here, as plain functions over tensors, so the scripts
 (`scripts/convert_hf_checkpoint.py`, `scripts/convert_lit_checkpoint.py`) only read and write files,
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lit_llama.model import LLaMAConfig
+from lit_llama.model import ROPE_SCALING_KEYS, LLaMAConfig
 
 # ours -> HF's, one row per tensor; `{i}` is the layer index. c_attn is the single fused entry:
 # its rows are the concatenation of the three HF tensors, in this order.
@@ -49,58 +50,101 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------- config
-def config_from_hf(hf_config: dict) -> LLaMAConfig:
-    """Our config for a `config.json` of a LlamaForCausalLM. Raises ValueError for a model we
-    cannot run exactly (another architecture, biases, RoPE scaling, another activation)."""
-    model_type = hf_config.get("model_type")
-    if model_type != "llama":
+# model_type -> the architecture, and what transformers assumes for max_position_embeddings when
+# config.json leaves it out. A Mistral without a sliding window is a Llama, tensor for tensor.
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", 2048), "mistral": ("MistralForCausalLM", 4096 * 32)}
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096  # MistralConfig's default when config.json has no sliding_window
+
+
+def _rope_from_hf(hf_config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, our rope_scaling) from either layout of config.json:
+      transformers 4: rope_theta and rope_scaling ({"rope_type" or "type": ..., "factor": ...}) at the top;
+      transformers 5: one rope_parameters dict with rope_type, rope_theta and the scaling keys.
+    As transformers does, a rope_scaling dict takes the place of rope_parameters, and a rope_theta
+    at the top level fills in one missing from the dict."""
+    rope = dict(hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"per-layer-type RoPE parameters ({', '.join(rope)}) are not supported; lit_llama has one RoPE for all layers")
+    theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported; lit_llama rotates the whole head")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_KEYS:
         raise ValueError(
-            f"config.json has model_type {model_type!r}, not 'llama'; only LlamaForCausalLM checkpoints "
-            "(Llama 1/2, OpenLLaMA, TinyLlama, ...) can be converted"
+            f"RoPE scaling {kind!r} is not supported; lit_llama implements default, {', '.join(ROPE_SCALING_KEYS)}"
         )
+    if kind == "llama3":
+        # transformers' standardize_rope_params: a top-level original_max_position_embeddings wins,
+        # else the dict's, else max_position_embeddings.
+        original = hf_config.get("original_max_position_embeddings") or rope.get(
+            "original_max_position_embeddings", hf_config.get("max_position_embeddings")
+        )
+        rope["original_max_position_embeddings"] = original
+    # Only the keys this type uses (transformers ignores the rest too); a missing one is
+    # LLaMAConfig's one-line error.
+    return theta, {"type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind] if k in rope}}
+
+
+def config_from_hf(hf_config: dict) -> LLaMAConfig:
+    """Our config for a `config.json` of a LlamaForCausalLM or a MistralForCausalLM without sliding
+    window, as transformers 4 or 5 writes it. Raises a one-line ValueError for a model we cannot run
+    exactly (another architecture, biases, a sliding window, a RoPE scaling we do not implement,
+    another activation)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"config.json has model_type {model_type!r}, not 'llama' or 'mistral'; only LlamaForCausalLM and "
+            "MistralForCausalLM checkpoints (Llama 1/2/3, Mistral, SmolLM2, TinyLlama, ...) can be converted"
+        )
+    architecture, default_max_positions = ARCHITECTURES[model_type]
+    for name in hf_config.get("architectures") or [architecture]:
+        if name != architecture:
+            raise ValueError(f"config.json's architecture {name} is not supported; only {architecture} is, for model_type {model_type!r}")
+    block_size = hf_config.get("max_position_embeddings", default_max_positions)
+    if model_type == "mistral":
+        window = hf_config.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+        if window is not None and window < block_size:
+            raise ValueError(
+                f"sliding_window {window} < max_position_embeddings {block_size} is not supported; lit_llama "
+                "attends to the whole context (Mistral 7B v0.2 and later have sliding_window null)"
+            )
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf_config['hidden_act']!r} is not supported; LLaMA's MLP uses silu")
     for flag in ("attention_bias", "mlp_bias"):
         if hf_config.get(flag):
             raise ValueError(f"config.json sets {flag}=true; lit_llama's linear layers have no biases")
-    n_embd, n_head = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise ValueError(
-            f"head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; lit_llama needs head_dim = hidden_size / heads"
-        )
-    # transformers 5 nests the RoPE settings in rope_parameters; older files have rope_theta and
-    # rope_scaling at the top level.
-    rope = hf_config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    scaling = hf_config.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", rope_type))
-    if rope_type != "default":
-        raise ValueError(
-            f"RoPE scaling {rope_type!r} is not supported (lit_llama implements plain RoPE); "
-            "convert a model without rope_scaling (Llama 1/2, OpenLLaMA, TinyLlama)"
-        )
-    rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_base, rope_scaling = _rope_from_hf(hf_config)
+    n_head = hf_config["num_attention_heads"]
     vocab_size = hf_config["vocab_size"]
     return LLaMAConfig(
-        block_size=hf_config.get("max_position_embeddings", 2048),
+        block_size=block_size,
         vocab_size=vocab_size,
         # The checkpoint's embedding has exactly vocab_size rows: no extra padding.
         padded_vocab_size=vocab_size,
         n_layer=hf_config["num_hidden_layers"],
         n_head=n_head,
-        n_embd=n_embd,
+        n_embd=hf_config["hidden_size"],
+        # Explicit head_dim (Llama 3.2 and others write it); None: hidden_size // heads, as transformers.
+        head_size=hf_config.get("head_dim"),
         n_query_groups=hf_config.get("num_key_value_heads") or n_head,
         intermediate_size=hf_config["intermediate_size"],
-        norm_eps=hf_config.get("rms_norm_eps", 1e-6),  # LlamaConfig's default when absent
-        rope_base=float(rope_theta),
+        norm_eps=hf_config.get("rms_norm_eps", 1e-6),  # LlamaConfig's and MistralConfig's default when absent
+        rope_base=rope_base,
+        rope_scaling=rope_scaling,
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        source=f"Hugging Face config.json ({hf_config.get('_name_or_path') or 'LlamaForCausalLM'})",
+        source=f"Hugging Face config.json ({hf_config.get('_name_or_path') or architecture})",
     )
 
 
 def config_to_hf(config: LLaMAConfig, torch_dtype: str = "float32") -> dict:
-    """A `config.json` dict that `transformers.LlamaForCausalLM` builds our model's twin from."""
+    """A `config.json` dict that `transformers.LlamaForCausalLM` builds our model's twin from, read
+    the same by transformers 4 (rope_theta, rope_scaling) and 5 (rope_parameters)."""
+    scaling = dict(config.rope_scaling or {})
+    if scaling:
+        scaling = {"rope_type": scaling.pop("type"), **scaling}  # HF's spelling of the type key
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -118,7 +162,8 @@ def config_to_hf(config: LLaMAConfig, torch_dtype: str = "float32") -> dict:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_scaling": scaling or None,
+        "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": config.rope_base},
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
@@ -157,12 +202,12 @@ def lit_shapes(config: LLaMAConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of `config` stores, with its shape, in the order the converters
     produce them (layer by layer, so that a sharded HF checkpoint is read roughly in file order)."""
     C, V, hs = config.n_embd, config.padded_vocab_size, config.head_size
-    qkv = (config.n_head + 2 * config.n_query_groups) * hs
+    qkv = (config.n_head + 2 * config.n_query_groups) * hs  # nh*hs need not be C (explicit head_size)
     shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C)}
     per_layer = {
         "rms_1.weight": (C,),
         "attn.c_attn.weight": (qkv, C),
-        "attn.c_proj.weight": (C, C),
+        "attn.c_proj.weight": (C, config.n_head * hs),
         "rms_2.weight": (C,),
         "mlp.c_fc1.weight": (config.intermediate_size, C),
         "mlp.c_fc2.weight": (config.intermediate_size, C),

@@ -123,6 +123,14 @@ def config_from_params(params: dict[str, Any], vocab_size: int, block_size: int 
 def params_from_config(config: LLaMAConfig) -> dict[str, Any]:
     """Meta's params.json for `config`, with only the keys Meta's own loaders accept (LLaMA 1/2 reject
     rope_theta, and set max_seq_len themselves, so neither is written unless needed)."""
+    # Meta's params.json has no field for either: its loaders derive head_dim = dim / n_heads and
+    # plain RoPE (Llama 3.1's use_scaled_rope is one fixed llama3 scaling, not read here).
+    if config.head_size * config.n_head != config.n_embd:
+        raise ValueError(
+            f"head_size {config.head_size} x {config.n_head} heads != n_embd {config.n_embd}; Meta's format cannot express it"
+        )
+    if config.rope_scaling is not None:
+        raise ValueError(f"rope_scaling {config.rope_scaling['type']!r} cannot be written to Meta's params.json")
     multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
     if meta_intermediate_size(config.n_embd, multiple_of, multiplier) != config.intermediate_size:
         # Meta's rule rounds the hidden size up to multiple_of; with multiple_of = intermediate_size
@@ -158,7 +166,7 @@ def expected_shapes(config: LLaMAConfig) -> dict[str, tuple[int, ...]]:
         block = f"transformer.h.{i}."
         shapes[block + "rms_1.weight"] = (C,)
         shapes[block + "attn.c_attn.weight"] = (qkv, C)
-        shapes[block + "attn.c_proj.weight"] = (C, C)
+        shapes[block + "attn.c_proj.weight"] = (C, config.n_head * config.head_size)
         shapes[block + "rms_2.weight"] = (C,)
         shapes[block + "mlp.c_fc1.weight"] = (H, C)
         shapes[block + "mlp.c_fc2.weight"] = (H, C)

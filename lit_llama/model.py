@@ -8,7 +8,8 @@ Shapes use one notation throughout:
     B  batch size                 T  tokens in this forward call
     S  KV-cache length            C  n_embd
     nh query heads                ng key/value heads (n_query_groups; GQA when ng < nh)
-    hs head size (C // nh)        V  padded vocabulary size
+    hs head size (head_size; C // nh unless the config sets it)
+    V  padded vocabulary size
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class LLaMAConfig:
     n_layer: int = 32
     n_head: int = 32
     n_embd: int = 4096
+    head_size: int | None = None
+    """Width of one attention head. Default: n_embd // n_head. Set it for models whose heads do not
+    split n_embd (HF's head_dim): then Q is n_head * head_size wide, K and V n_query_groups * head_size,
+    and the attention's output projection maps n_head * head_size back to n_embd."""
     n_query_groups: int | None = None
     """Key/value heads. n_head = multi-head, 1 = multi-query, in between = grouped-query attention."""
     intermediate_size: int | None = None
@@ -46,6 +51,14 @@ class LLaMAConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    """RoPE's theta: pair j of a head turns by base^(-2j/hs) radians per position."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequencies adjusted for contexts longer than the model was pretrained on (HF's rope_scaling).
+    None: plain RoPE. {"type": "linear", "factor": f}: every frequency / f, so position p turns as p / f did.
+    {"type": "llama3", "factor": f, "low_freq_factor": lo, "high_freq_factor": hi,
+    "original_max_position_embeddings": L} (Llama 3.1 and 3.2): pairs that made fewer than lo turns over
+    the L pretraining tokens turn f times slower (past L they would reach angles never seen), pairs that
+    made more than hi turns are kept (they have seen every angle), and those in between are interpolated."""
     tie_embeddings: bool = False
     """lm_head shares its weight with the token embedding (llama2.c models, TinyStories)."""
     source: str = field(default="", compare=False)
@@ -63,8 +76,17 @@ class LLaMAConfig:
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.intermediate_size = find_multiple(hidden, self.multiple_of)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_size explicitly"
+                )
+            self.head_size = self.n_embd // self.n_head
+        if self.head_size <= 0 or self.head_size % 2:
+            raise ValueError(f"head_size ({self.head_size}) must be a positive even number: RoPE rotates pairs")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # our own copy: a shared preset dict stays untouched
+            check_rope_scaling(self.rope_scaling)
         if self.n_head % self.n_query_groups:
             raise ValueError(
                 f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})"
@@ -73,10 +95,6 @@ class LLaMAConfig:
             raise ValueError(
                 f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})"
             )
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LLaMAConfig:
@@ -88,7 +106,36 @@ class LLaMAConfig:
         return asdict(self)
 
 
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """One-line ValueError unless `scaling` is a complete rope_scaling dict of a type we implement."""
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of: {', '.join(ROPE_SCALING_KEYS)}")
+    keys = ROPE_SCALING_KEYS[kind]
+    missing = [k for k in keys if k not in scaling]
+    extra = sorted(set(scaling) - {"type", *keys})
+    if missing or extra:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}"
+        raise ValueError(f"rope_scaling of type {kind!r} {what}; it takes exactly: {', '.join(keys)}")
+    bad = [k for k in keys if not isinstance(scaling[k], (int, float)) or isinstance(scaling[k], bool) or scaling[k] <= 0]
+    if bad:
+        raise ValueError(f"rope_scaling {', '.join(bad)} must be a positive number, got {scaling[bad[0]]!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(
+            f"rope_scaling high_freq_factor ({scaling['high_freq_factor']}) must exceed low_freq_factor ({scaling['low_freq_factor']})"
+        )
+
+
 _META = "Meta params.json of the original release"
+# Llama 3.1 and 3.2's rope_scaling (config.json, as in Meta's apply_scaling): pretrained on 8192 tokens.
+_LLAMA31_ROPE = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
 PRESETS: dict[str, dict[str, Any]] = {
     # LLaMA 1 (Touvron et al. 2023, Table 2); multiple_of 256 gives 11008/13824/17920/22016.
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6, source=_META),
@@ -113,6 +160,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     "TinyLlama-1.1B": dict(
         n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632,
         source="TinyLlama/TinyLlama-1.1B config.json",
+    ),
+    # Llama 3 (meta-llama/* config.json): 128256-token vocabulary, 8 KV heads, rope_theta 500000.
+    # 3.1 and 3.2 stretch the 8192-token pretraining context to 131072 with llama3 RoPE scaling.
+    "Llama-3-8B": dict(
+        block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
+        intermediate_size=14336, rope_base=500000.0, source="meta-llama/Meta-Llama-3-8B config.json",
+    ),
+    "Llama-3.1-8B": dict(
+        block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
+        intermediate_size=14336, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
+        source="meta-llama/Llama-3.1-8B config.json",
+    ),
+    "Llama-3.1-70B": dict(
+        block_size=131072, vocab_size=128256, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+        intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
+        source="meta-llama/Llama-3.1-70B config.json",
+    ),
+    "Llama-3.2-1B": dict(
+        block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_embd=2048, n_query_groups=8,
+        intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True,
+        source="meta-llama/Llama-3.2-1B config.json (head_dim 64)",
+    ),
+    "Llama-3.2-3B": dict(
+        block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_embd=3072, n_query_groups=8,
+        intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True,
+        source="meta-llama/Llama-3.2-3B config.json (head_dim 128)",
+    ),
+    # SmolLM2 (HuggingFaceTB/SmolLM2-* config.json): LlamaForCausalLM, 49152-token vocabulary, tied
+    # head, 8192 context. The 1.7B model's context was extended from 2048 with rope_theta 130000.
+    "SmolLM2-135M": dict(
+        block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576, n_query_groups=3,
+        intermediate_size=1536, rope_base=100000.0, tie_embeddings=True,
+        source="HuggingFaceTB/SmolLM2-135M config.json",
+    ),
+    "SmolLM2-360M": dict(
+        block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960, n_query_groups=5,
+        intermediate_size=2560, rope_base=100000.0, tie_embeddings=True,
+        source="HuggingFaceTB/SmolLM2-360M config.json",
+    ),
+    "SmolLM2-1.7B": dict(
+        block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048, n_query_groups=32,
+        intermediate_size=8192, rope_base=130000.0, tie_embeddings=True,
+        source="HuggingFaceTB/SmolLM2-1.7B config.json",
     ),
     # Karpathy's llama2.c TinyStories models (README model table; multiple_of=32, tied head).
     "stories260K": dict(
@@ -213,7 +303,8 @@ class LLaMA(nn.Module):
                 raise ValueError(f"batch of {B} does not match the KV cache's batch size {kv_cache.k.shape[0]}")
             positions = input_pos
             mask = build_cache_mask(input_pos, kv_cache.k.shape[2], key_valid)  # (B or 1, 1, T, S)
-        cos, sin = rope_angles(positions, self.config.head_size, self.config.rope_base)  # (T, hs/2) each
+        cos, sin = rope_angles(positions, self.config.head_size, self.config.rope_base, self.config.rope_scaling)
+        # cos, sin: (T, hs/2) each
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs/2): the same rotation for every head
 
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -263,11 +354,12 @@ class CausalSelfAttention(nn.Module):
         # One fused projection whose output is laid out [Q (nh*hs) | K (ng*hs) | V (ng*hs)].
         qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
         self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # The heads' outputs side by side (nh*hs, which is C unless head_size is set) back to C.
+        self.c_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape  # (B, T, C)
         nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
         qk, v = self.c_attn(x).split(((nh + ng) * hs, ng * hs), dim=-1)
         # Queries and keys get the same rotation: one RoPE call for both launches half the kernels.
@@ -284,7 +376,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=ng != nh
             )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.c_proj(y)
 
 
@@ -344,13 +436,34 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), eps=self.eps) * self.weight
 
 
+def rope_frequencies(
+    head_size: int, base: float = 10000.0, scaling: dict[str, Any] | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """inv_freq[j] = base^(-2j/hs), the radians pair j turns per position, (hs/2,) fp32, adjusted by
+    `scaling` (see LLaMAConfig.rope_scaling); the same numbers as transformers' ROPE_INIT_FUNCTIONS."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor  # angle of p / factor: f*L positions span the angles L did in pretraining
+    # llama3. How many whole turns pair j makes over the pretraining context decides its fate:
+    # fewer than low_freq_factor -> slowed down by factor (smooth = 0), more than high_freq_factor ->
+    # unchanged (smooth = 1), in between -> linear in that turn count.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq  # (hs/2,) tokens per turn
+    turns = scaling["original_max_position_embeddings"] / wavelen
+    smooth = ((turns - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
 def rope_angles(
-    positions: torch.Tensor, head_size: int, base: float = 10000.0
+    positions: torch.Tensor, head_size: int, base: float = 10000.0, scaling: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of angle[p, j] = p * base^(-2j/hs) for the given positions: each (T, hs/2), fp32.
-    Computed per forward (a few tiny kernels) rather than cached: no state to keep on the right
-    device or out of a bf16 cast, and nothing for torch.compile to guard on."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size))
+    """cos and sin of angle[p, j] = p * inv_freq[j] (`rope_frequencies`) for the given positions: each
+    (T, hs/2), fp32. Computed per forward (a few tiny kernels) rather than cached: no state to keep on
+    the right device or out of a bf16 cast, and nothing for torch.compile to guard on."""
+    inv_freq = rope_frequencies(head_size, base, scaling, positions.device)  # (hs/2,)
     angles = torch.outer(positions.float(), inv_freq)  # (T, hs/2)
     return angles.cos(), angles.sin()
 

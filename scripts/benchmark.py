@@ -115,7 +115,8 @@ def matmul_params(config: LLaMAConfig) -> int:
     """N: weights of every matmul of a forward pass (attention, MLP and head; not the embedding lookup)."""
     C, hidden = config.n_embd, config.intermediate_size
     qkv = (config.n_head + 2 * config.n_query_groups) * config.head_size
-    return config.n_layer * (C * qkv + C * C + 3 * C * hidden) + C * config.padded_vocab_size
+    out = config.n_head * config.head_size * C  # attention output projection
+    return config.n_layer * (C * qkv + out + 3 * C * hidden) + C * config.padded_vocab_size
 
 
 def write_weights(config: LLaMAConfig, out: Path, dtypes: list[str], seed: int = 1234) -> None:

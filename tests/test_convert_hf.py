@@ -108,7 +108,16 @@ def test_hf_to_lit_to_hf_round_trip_is_bit_exact(layout, overrides, tmp_path):
     assert (tmp_path / "back" / "tokenizer.model").is_file()
 
 
-@pytest.mark.parametrize("overrides", [GQA, TIED])
+LLAMA3_HEAD_DIM = dict(
+    num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8,
+    ),
+)
+LINEAR = dict(num_key_value_heads=4, rope_parameters=dict(rope_type="linear", rope_theta=1000.0, factor=2.0))
+
+
+@pytest.mark.parametrize("overrides", [GQA, TIED, LLAMA3_HEAD_DIM, LINEAR])
 def test_lit_to_hf_output_loads_in_transformers_with_identical_logits(overrides, tmp_path):
     hf = random_hf_llama(**overrides)
     hf.save_pretrained(tmp_path / "hf")
@@ -117,6 +126,7 @@ def test_lit_to_hf_output_loads_in_transformers_with_identical_logits(overrides,
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert reloaded.config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert reloaded.config.num_key_value_heads == hf.config.num_key_value_heads
+    assert (reloaded.config.head_dim, reloaded.config.rope_parameters) == (hf.config.head_dim, hf.config.rope_parameters)
     idx = torch.randint(0, BASE["vocab_size"], (1, BASE["max_position_embeddings"]))
     with torch.no_grad():
         assert torch.equal(reloaded(idx).logits, hf(idx).logits)  # same weights, same config: same numbers
@@ -148,6 +158,62 @@ def test_config_from_hf_reads_transformers_config():
     assert config_from_hf(legacy).rope_base == 30000.0
 
 
+TRANSFORMERS4_LLAMA31 = {  # meta-llama/Llama-3.1-8B's config.json as transformers 4.43 wrote it (sizes shrunk)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", **BASE, "num_key_value_heads": 2, "head_dim": 16,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "rope_scaling": {
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+
+
+@pytest.mark.parametrize("layout", ["transformers4", "transformers5"])
+def test_config_from_hf_reads_head_dim_and_rope_scaling(layout):
+    hf_config = TRANSFORMERS4_LLAMA31
+    if layout == "transformers5":
+        hf_config = {k: v for k, v in hf_config.items() if k not in ("rope_theta", "rope_scaling")}
+        hf_config["rope_parameters"] = {**TRANSFORMERS4_LLAMA31["rope_scaling"], "rope_theta": 500000.0}
+    config = config_from_hf(hf_config)
+    assert (config.head_size, config.n_head, config.n_embd, config.rope_base) == (16, 4, 32, 500000.0)
+    assert config.rope_scaling == dict(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
+    # transformers' fallbacks: no original_max_position_embeddings -> max_position_embeddings; the
+    # pre-4.43 spelling "type" of linear scaling.
+    scaling = {k: v for k, v in TRANSFORMERS4_LLAMA31["rope_scaling"].items() if k != "original_max_position_embeddings"}
+    assert config_from_hf({**TRANSFORMERS4_LLAMA31, "rope_scaling": scaling}).rope_scaling[
+        "original_max_position_embeddings"] == BASE["max_position_embeddings"]
+    linear = config_from_hf({**TRANSFORMERS4_LLAMA31, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert linear.rope_scaling == {"type": "linear", "factor": 2.0} and linear.rope_base == 500000.0
+
+
+UNSUPPORTED = {  # config.json change -> what the one error line names
+    "yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}}, "'yarn'"),
+    "dynamic": ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+    "longrope": ({"rope_scaling": None, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+    "attention_bias": ({"attention_bias": True}, "attention_bias=true"),
+    "mlp_bias": ({"mlp_bias": True}, "mlp_bias=true"),
+    "architecture": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type 'qwen2'"),
+    "head": ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+    "sliding_window": ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16},
+                       "sliding_window 16 < max_position_embeddings 32"),
+    # MistralConfig's default window (4096) is shorter than Mistral's default context (131072).
+    "mistral defaults": ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "max_position_embeddings": None},
+                         "sliding_window 4096 < max_position_embeddings 131072"),
+    "partial rotary": ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    "incomplete llama3": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor, high_freq_factor"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_config_from_hf_unsupported_is_one_line_value_error(case):
+    change, needle = UNSUPPORTED[case]
+    hf_config = {k: v for k, v in (TRANSFORMERS4_LLAMA31 | change).items() if v is not None}
+    with pytest.raises(ValueError) as error:
+        config_from_hf(hf_config)
+    assert needle in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
 def test_config_to_hf_builds_a_matching_llama_config():
     config = LLaMAConfig.from_name("tiny-gqa", padded_vocab_size=256, norm_eps=1e-6, rope_base=5e5)
     hf_config = transformers.LlamaConfig(**config_to_hf(config))
@@ -160,6 +226,19 @@ def test_config_to_hf_builds_a_matching_llama_config():
     for field in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd", "n_query_groups",
                   "intermediate_size", "norm_eps", "rope_base", "tie_embeddings"):
         assert getattr(back, field) == getattr(config, field), field
+    # head_size and rope_scaling too, in both of the layouts config_to_hf writes at once.
+    config = LLaMAConfig.from_name("Llama-3.2-1B", head_size=96, n_layer=2)
+    hf_dict = config_to_hf(config)
+    assert hf_dict["rope_scaling"]["rope_type"] == hf_dict["rope_parameters"]["rope_type"] == "llama3"
+    transformers4 = {k: v for k, v in hf_dict.items() if k != "rope_parameters"}
+    transformers5 = {k: v for k, v in hf_dict.items() if k not in ("rope_scaling", "rope_theta")}
+    for hf_config in (hf_dict, transformers4, transformers5):
+        back = config_from_hf(hf_config)
+        assert (back.head_size, back.rope_base, back.rope_scaling) == (96, 500000.0, config.rope_scaling)
+    assert transformers.LlamaConfig(**hf_dict).rope_parameters == {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
 
 
 @pytest.mark.parametrize("overrides", [GQA, TIED])
@@ -228,11 +307,16 @@ def make_bad_hf_dir(tmp_path: Path, problem: str) -> Path:
     elif problem == "not llama":
         hf.save_pretrained(path)
         config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+        (path / "config.json").write_text(json.dumps(config | {"model_type": "qwen2"}))
     elif problem == "rope scaling":
         hf.save_pretrained(path)
         config = json.loads((path / "config.json").read_text())
-        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+        config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
+        (path / "config.json").write_text(json.dumps(config))
+    elif problem == "sliding window":
+        hf.save_pretrained(path)
+        config = json.loads((path / "config.json").read_text())
+        config |= {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8}
         (path / "config.json").write_text(json.dumps(config))
     elif problem == "missing tensor":
         hf.save_pretrained(path)
@@ -245,8 +329,9 @@ def make_bad_hf_dir(tmp_path: Path, problem: str) -> Path:
 BAD_INPUTS = {
     "no config.json": "no config.json",
     "no weights": "no *.safetensors or pytorch_model*.bin",
-    "not llama": "model_type 'mistral'",
-    "rope scaling": "llama3",
+    "not llama": "model_type 'qwen2'",
+    "rope scaling": "RoPE scaling 'yarn' is not supported",
+    "sliding window": "sliding_window 8 < max_position_embeddings 32",
     "missing tensor": "model.layers.1.mlp.up_proj.weight",
 }
 
