@@ -21,9 +21,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
-def run(main: Callable[..., Any], args: list[str] | None = None) -> Any:
+def run(main: Callable[..., Any], args: list[str] | None = None, positional: bool = False) -> Any:
+    """`main`'s signature as the command line (jsonargparse); with `positional`, its arguments without
+    a default are positional (`script.py FILE`), as --help then shows."""
     try:
-        return CLI(main, args=args, as_positional=False)
+        return CLI(main, args=args, as_positional=positional)
     except USER_ERRORS as e:
         fail(e)
     except OSError as e:

@@ -134,8 +134,11 @@ def setup_fabric(
     """Fabric(devices, precision, strategy) -> launch -> seed_everything. Precision the device lacks
     is a clear error. With several devices every rank runs the script; the same seed on each gives
     every rank the same initial (LoRA) weights."""
-    if precision == "16-mixed" and accelerator == "cpu":
-        raise ValueError("--precision 16-mixed needs a GPU; on CPU use 32-true, bf16-true or bf16-mixed")
+    # Checked for "auto" too: on a machine without a GPU, Lightning would quietly train 16-mixed as
+    # bf16-mixed instead, and the run would record a precision it never used.
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("16") and on_cpu:
+        raise ValueError(f"--precision {precision} needs a GPU; on CPU use 32-true, bf16-true or bf16-mixed")
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise ValueError("--accelerator cuda was asked for but no CUDA device is available; use --accelerator cpu")
     if devices < 1:

@@ -108,23 +108,35 @@ def plot_loss_curve(rows: list[dict[str, Any]], png: Path) -> str:
     line saying where, or why not. matplotlib is optional (`pip install matplotlib`); without it
     the numbers stay in metrics.csv beside the PNG's place."""
     try:
-        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-        from matplotlib.ticker import ScalarFormatter
+        fig = loss_figure(rows, title=str(png.parent))
     except ImportError:
         return f"Loss curve not drawn: matplotlib is not installed (pip install matplotlib); the losses are in {png.parent / 'metrics.csv'}"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return f"Loss curve: {png}"
+
+
+def loss_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The loss curve as a matplotlib Figure (ImportError without matplotlib)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
+    losses = []
     for key, label, style in (("train_loss", "train", "-"), ("val_loss", "validation", "o:")):
         points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), float) and math.isfinite(row[key])]
         if points:
             ax.plot(*zip(*points), style, label=label, markersize=4)
-    ax.set(xlabel="optimizer step", ylabel="loss (mean next-token cross-entropy)", title=str(png.parent))
+            losses += [loss for _, loss in points if loss > 0]
+    ax.set(xlabel="optimizer step", ylabel="loss (mean next-token cross-entropy)", title=title)
     ax.set_yscale("log")  # the first steps fall by 10x; the interesting part is the tail
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis(ScalarFormatter())  # 0.6, 2, 4 rather than 6 x 10^-1
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.6, 2, 4 rather than 6 x 10^-1
+    # Within one decade the major ticks are too few to read a value off, so the minor ones get labels
+    # too; over several decades those labels (9, 8, ... 0.02) would print on top of each other.
+    one_decade = bool(losses) and max(losses) / min(losses) <= 10
+    ax.yaxis.set_minor_formatter(ScalarFormatter() if one_decade else NullFormatter())
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return f"Loss curve: {png}"
+    return fig

@@ -171,7 +171,6 @@ class Tokenizer:
             character_coverage=1.0,
             num_threads=1,  # deterministic merges
             minloglevel=2,
-            train_extremely_large_corpus=False,
         )
         Path(f"{prefix}.vocab").unlink(missing_ok=True)
         os.replace(f"{prefix}.model", destination)

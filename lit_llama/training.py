@@ -95,6 +95,20 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def describe_schedule(cfg: TrainConfig, total_steps: int) -> list[str]:
+    """The learning-rate schedule of a run in words, and a warning when warmup does not fit in it."""
+    lines = [f"Learning rate: linear warmup over {cfg.warmup_steps} steps to {cfg.learning_rate:g}, then cosine "
+             f"decay to {cfg.min_lr:g} at step {total_steps}"]
+    if cfg.warmup_steps >= total_steps:
+        peak = lr_at(total_steps - 1, total_steps, cfg)
+        lines.append(
+            f"warning: --train.warmup_steps {cfg.warmup_steps} is not shorter than the run's {total_steps} steps, so the "
+            f"learning rate stops at {peak:.3g}, {peak / cfg.learning_rate:.0%} of --train.learning_rate; lower "
+            f"--train.warmup_steps (e.g. {max(1, total_steps // 10)})"
+        )
+    return lines
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored.
 
@@ -264,6 +278,8 @@ def fit(
         f"Training {total_steps} optimizer steps: {len(train_loader.dataset)} samples, {steps_per_epoch} steps per epoch, "
         f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {accum} accumulation x {fabric.world_size} device(s)"
     )
+    for line in describe_schedule(cfg, total_steps):
+        fabric.print(line)
     t_start = t_log = time.perf_counter() - p.elapsed_s
     tokens_since_log = pending_tokens = 0  # this rank's tokens since the last sync: ranks pad to different lengths
 

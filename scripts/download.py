@@ -12,8 +12,10 @@ repository has them, else pytorch_model*.bin).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lit_llama.cli import run
 
@@ -35,11 +37,19 @@ def main(
     if repo_id.count("/") != 1:
         raise ValueError(f"--repo_id must look like ORG/NAME, got {repo_id!r}")
     try:
+        import huggingface_hub
         from huggingface_hub import HfApi, snapshot_download
     except ImportError:
         raise ValueError(
             "huggingface_hub is not installed; run pip install -e '.[all]' (or pip install huggingface_hub)"
         ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"could not download {repo_id}: HF_HUB_OFFLINE is set (no network use); unset it, "
+                         "or copy the model folder from a machine with a network connection")
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if not reachable(endpoint):  # before the Hub client, which retries for half a minute, printing each try
+        raise ValueError(f"could not download {repo_id}: {endpoint} cannot be reached; check the network connection "
+                         "(or a proxy setting), or copy the model folder from a machine that has one")
     token = token or os.environ.get("HF_TOKEN")
     local_dir = checkpoint_dir / repo_id
     # Any failure of the Hub client here means the same thing to the user: nothing (complete) was
@@ -62,6 +72,16 @@ def main(
         file=sys.stderr,
     )
     return Path(path)
+
+
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Can a TCP connection to `url`'s host be opened within `timeout` seconds?"""
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """List what a LoRA adapter file holds, and flag anything that looks like a frozen base weight.
 
-    python scripts/inspect_adapter.py out/lora/alpaca/lit_model.lora.safetensors   (or --path ...)
+    python scripts/inspect_adapter.py out/lora/alpaca/lit_model.lora.safetensors [--checkpoint_dir DIR] [--strict true]
 
 Prints every tensor (name, shape, dtype, bytes) and the metadata stored with it (r, alpha, targets,
 embedding options, prompt style, base fingerprint). A tensor whose shape is the shape of a weight
@@ -12,7 +12,6 @@ listed as such, not flagged. `--strict true` turns a flag into an error (exit st
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from lit_llama.adapter import read_adapter_file
@@ -24,7 +23,7 @@ from lit_llama.model import LLaMAConfig
 
 
 def main(
-    path: Path = Path("out/lora/alpaca/lit_model.lora.safetensors"), checkpoint_dir: Path | None = None, strict: bool = False,
+    path: Path, checkpoint_dir: Path | None = None, strict: bool = False,
 ) -> list[str]:
     """Show an adapter's tensors and metadata; flag tensors shaped like frozen base weights.
 
@@ -90,6 +89,4 @@ def main(
 
 
 if __name__ == "__main__":
-    # `inspect_adapter.py PATH` works too: a bare first argument is the --path.
-    argv = sys.argv[1:]
-    run(main, ["--path", *argv] if argv and not argv[0].startswith("-") else argv)
+    run(main, positional=True)

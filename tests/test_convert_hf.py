@@ -368,6 +368,17 @@ def test_download_offline_is_one_error_line(tmp_path):
     assert_one_line_error(proc, "could not download org/name", "network")
 
 
+def test_download_without_network_says_so_once(tmp_path):
+    """No network: one line at once, not the Hub client's half-minute of retries printed one by one
+    (a closed local port stands in for an unreachable Hub)."""
+    pytest.importorskip("huggingface_hub")
+    proc = run_script("download", "--repo_id", "org/name", "--checkpoint_dir", str(tmp_path),
+                      env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_one_line_error(proc, "could not download org/name", "cannot be reached")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # said once, nothing before it
+    assert not (tmp_path / "org").exists()
+
+
 def test_download_bad_repo_id_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="ORG/NAME"):
         load_script("download").main(repo_id="just-a-name", checkpoint_dir=tmp_path)

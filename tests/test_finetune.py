@@ -165,6 +165,8 @@ def test_full_finetune_writes_a_loadable_checkpoint_and_learns(workdir):
         (["--lora.r", "0"], "lora r"),
         (["--train.batch_size", "0"], "batch_size"),
         (["--precision", "16-mixed", "--accelerator", "cpu"], "needs a GPU"),
+        pytest.param(["--precision", "16-mixed"], "needs a GPU", id="16-mixed-auto-accelerator",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks the GPU there")),
     ],
 )
 def test_lora_finetune_bad_input_is_one_clear_line(workdir, args, message):

@@ -410,12 +410,13 @@ def test_inspect_adapter_cli_lists_tensors_and_flags_frozen_copies(tmp_path):
     model = lora_model("tiny", lora)
     clean = save_adapter(model, tmp_path / "clean.safetensors", lora, prompt_style="alpaca")
     bloated = save_adapter(model, tmp_path / "bloated.safetensors", lora, save_embedding_layers="true")
-    assert run_script("scripts/inspect_adapter.py", "--help").returncode == 0
+    help = run_script("scripts/inspect_adapter.py", "--help")
+    assert help.returncode == 0 and "positional arguments:\n  path " in help.stdout  # as the docs call it
     ok = run_script("scripts/inspect_adapter.py", str(clean), "--strict", "true")
     assert ok.returncode == 0, ok.stderr
     assert re.search(r"transformer\.h\.1\.mlp\.c_fc1\.lora_B\s+\(96, 4\)\s+float32\s+1,536\s", ok.stdout)  # 96*4*4 bytes
     assert "targets: query,value,mlp" in ok.stdout and "prompt_style: alpaca" in ok.stdout and "FLAG" not in ok.stdout
-    flagged = run_script("scripts/inspect_adapter.py", "--path", str(bloated))
+    flagged = run_script("scripts/inspect_adapter.py", str(bloated))
     assert flagged.returncode == 0 and "FLAG: shaped like the frozen base weight transformer.wte.weight" in flagged.stdout
     strict = run_script("scripts/inspect_adapter.py", str(bloated), "--strict", "true")
     assert strict.returncode != 0 and strict.stderr.count("error:") == 1 and "Traceback" not in strict.stderr

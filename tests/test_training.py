@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_llama.model import LLaMA, LLaMAConfig
-from lit_llama.training import masked_next_token_loss
+from lit_llama.training import TrainConfig, describe_schedule, lr_at, masked_next_token_loss
 
 
 def tiny_model_and_batch() -> tuple[LLaMA, torch.Tensor, torch.Tensor]:
@@ -71,3 +71,29 @@ def test_loss_curve_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch)
     message = plot_loss_curve([{"step": 1, "train_loss": 1.0}], tmp_path / "loss.png")
     assert "pip install matplotlib" in message and "metrics.csv" in message
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about_with_the_lr_it_reaches():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=100)
+    short = describe_schedule(cfg, total_steps=5)
+    assert len(short) == 2 and "warmup over 100 steps to 0.001" in short[0]
+    # lr_at's last step of 5: 1e-3 * 5 / 100, computed by hand.
+    assert lr_at(4, 5, cfg) == pytest.approx(5e-5) and "stops at 5e-05, 5% of" in short[1]
+    assert len(describe_schedule(cfg, total_steps=101)) == 1  # warmup fits: no warning
+
+
+@pytest.mark.parametrize("decades", [0.5, 3])
+def test_loss_curve_labels_minor_ticks_only_within_one_decade(decades):
+    """Over several decades, labelled minor ticks (10.00 9.00 ... 0.01) overlap; within one they are
+    the only readable values. Checked on the labels matplotlib draws."""
+    pytest.importorskip("matplotlib")
+    from lit_llama.run_dir import loss_figure
+
+    rows = [{"step": s, "train_loss": 10.0 * 10 ** (-decades * s / 50)} for s in range(1, 51)]
+    fig = loss_figure(rows, title="t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    minor = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+    major = [t.get_text() for t in ax.yaxis.get_majorticklabels() if t.get_text()]
+    assert major  # values can always be read off
+    assert (len(minor) > 0) == (decades < 1), minor
