@@ -136,6 +136,17 @@ def peft_to_lora(
 ) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
     """A PEFT LoRA adapter of the Hugging Face twin of `config` -> our tensors and LoRAConfig
     (the inverse of `lora_to_peft`). Raises ValueError for what our LoRA cannot express exactly."""
+    targets, saved, tie = _check_peft_config(adapter_config, config)
+    sd = _strip_peft_names(tensors)
+    lora = _lora_config_from_peft(adapter_config, config, targets, saved, tie, sd)
+    out = _lit_tensors(sd, lora, config, saved, tie)
+    check_adapter_shapes(out, lora, config, "the PEFT adapter")
+    return out, lora
+
+
+def _check_peft_config(adapter_config: dict[str, Any], config: LLaMAConfig) -> tuple[set[str], set[str], bool]:
+    """One-line errors for what our LoRA cannot express; the target modules' short names, the fully
+    trained ones (modules_to_save), and whether the head stays tied to the embedding."""
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"peft_type is {adapter_config.get('peft_type')!r}; only LORA adapters can be converted")
     for flag, hint in (("use_dora", "DoRA"), ("use_rslora", "rank-stabilised scaling"), ("fan_in_fan_out", "fan_in_fan_out")):
@@ -161,27 +172,37 @@ def peft_to_lora(
     tie = bool(adapter_config.get("ensure_weight_tying")) and config.tie_embeddings
     if tie and "lm_head" in targets and "embed_tokens" not in targets:
         raise ValueError("a tied lm_head LoRA without an embed_tokens LoRA cannot be converted; target embed_tokens")
-    untie = config.tie_embeddings and not tie and bool(("lm_head" in targets) or ("embed_tokens" in targets) or saved)
+    return targets, saved, tie
 
-    # Strip PEFT's prefix, and the adapter name PEFT sometimes leaves in (".default").
+
+def _strip_peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF module names: PEFT's prefix and the adapter name it sometimes leaves in (".default") removed."""
     sd = {}
     for k, v in tensors.items():
         k = k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default.", ".").replace(".default.", ".")
         if k.endswith(".base_layer.weight"):
             continue  # PEFT's copies of frozen base weights: we never carry them
         sd[k] = v
-    hf_to_lit = {}
-    for lit, hfs in LIT_TO_HF.items():
-        for hf in hfs:
-            hf_to_lit[hf.removesuffix(".weight")] = lit.removesuffix(".weight")
+    return sd
 
-    def lit_module(hf_module: str) -> str:
-        m = re.search(r"\.(\d+)\.", hf_module)
-        key = hf_module if m is None else hf_module[: m.start()] + ".{i}." + hf_module[m.end():]
-        if key not in hf_to_lit:
-            raise ValueError(f"{hf_module} is not a LlamaForCausalLM module")
-        return hf_to_lit[key].replace("{i}", m.group(1)) if m else hf_to_lit[key]
 
+# HF module name (with {i} for the layer) -> ours, from convert_hf's weight-name table.
+_HF_TO_LIT = {hf.removesuffix(".weight"): lit.removesuffix(".weight") for lit, hfs in LIT_TO_HF.items() for hf in hfs}
+
+
+def _lit_module(hf_module: str) -> str:
+    m = re.search(r"\.(\d+)\.", hf_module)
+    key = hf_module if m is None else hf_module[: m.start()] + ".{i}." + hf_module[m.end():]
+    if key not in _HF_TO_LIT:
+        raise ValueError(f"{hf_module} is not a LlamaForCausalLM module")
+    return _HF_TO_LIT[key].replace("{i}", m.group(1)) if m else _HF_TO_LIT[key]
+
+
+def _lora_config_from_peft(
+    adapter_config: dict[str, Any], config: LLaMAConfig, targets: set[str], saved: set[str], tie: bool,
+    sd: dict[str, torch.Tensor],
+) -> LoRAConfig:
+    """Our LoRAConfig for the adapter; per-slice ranks of q/k/v_proj from their lora_A shapes."""
     r = int(adapter_config.get("r", 8))
     slice_ranks: dict[str, int] = {}
     for name in TARGETS:
@@ -191,15 +212,24 @@ def peft_to_lora(
             if len(shapes) != 1:
                 raise ValueError(f"{short}'s lora_A tensors are missing or differ in shape across layers: {sorted(shapes)}")
             slice_ranks[name] = next(iter(shapes))[0]
-    lora = LoRAConfig(
-        r=r, alpha=alpha, dropout=float(adapter_config.get("lora_dropout", 0.0)),
+    untie = config.tie_embeddings and not tie and bool(("lm_head" in targets) or ("embed_tokens" in targets) or saved)
+    return LoRAConfig(
+        r=r, alpha=float(adapter_config.get("lora_alpha", 8)), dropout=float(adapter_config.get("lora_dropout", 0.0)),
         query="q_proj" in targets, key="k_proj" in targets, value="v_proj" in targets,
-        projection="o_proj" in targets, mlp=bool(mlp), head="lm_head" in targets and not tie,
+        projection="o_proj" in targets, mlp="gate_proj" in targets, head="lm_head" in targets and not tie,
         embedding="embed_tokens" in targets,
         **{f"r_{name}": rank for name, rank in slice_ranks.items() if rank != r},
         train_embedding="embed_tokens" in saved, train_head="lm_head" in saved and not tie,
         untie_embeddings=untie,
     )
+
+
+def _lit_tensors(
+    sd: dict[str, torch.Tensor], lora: LoRAConfig, config: LLaMAConfig, saved: set[str], tie: bool,
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under our names: q/k/v_proj's factors stacked into c_attn's (B rows
+    of q/k back in our RoPE order), the tied head's transposed views checked and dropped."""
+    r = lora.r
     out: dict[str, torch.Tensor] = {}
     c_attn_parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -213,21 +243,21 @@ def peft_to_lora(
                 continue  # the tied head's views of the embedding's factors, checked below
             if v.shape[0 if kind == "lora_A" else 1] != r:
                 raise ValueError(f"{k} has rank {v.shape}; lit_llama gives {short} the common rank r={r}")
-            out[f"{lit_module(hf_module)}.{kind}"] = v.contiguous()
+            out[f"{_lit_module(hf_module)}.{kind}"] = v.contiguous()
         elif k.endswith((".lora_embedding_A", ".lora_embedding_B")):
             hf_module, kind = k.rsplit(".", 1)
             if v.shape[0 if kind.endswith("A") else 1] != r:
                 raise ValueError(f"{k} has shape {tuple(v.shape)}; lit_llama gives embed_tokens the common rank r={r}")
-            out[f"{lit_module(hf_module)}.lora_{kind[-1]}"] = v.contiguous()
+            out[f"{_lit_module(hf_module)}.lora_{kind[-1]}"] = v.contiguous()
         elif k == "lm_head.weight" and tie:
             embed = sd.get("model.embed_tokens.weight")
             if embed is None or not torch.equal(v, embed):
                 raise ValueError("ensure_weight_tying is set but the saved lm_head differs from embed_tokens")
         elif k.endswith(".weight") and k.removesuffix(".weight").rsplit(".", 1)[-1] in saved:
-            out[f"{lit_module(k.removesuffix('.weight'))}.weight"] = v.contiguous()
+            out[f"{_lit_module(k.removesuffix('.weight'))}.weight"] = v.contiguous()
         else:
             raise ValueError(f"{k} is not a LoRA tensor this converter knows")
-    if tie and "embed_tokens" in targets:
+    if tie and lora.embedding:
         A, B = out.get("transformer.wte.lora_A"), out.get("transformer.wte.lora_B")
         head_A, head_B = sd.get("lm_head.lora_A.weight"), sd.get("lm_head.lora_B.weight")
         if head_A is not None and (A is None or not torch.equal(head_A, B.T) or not torch.equal(head_B, A.T)):
@@ -244,7 +274,6 @@ def peft_to_lora(
             if tuple(B_s.shape) != (n_rows, rank):
                 raise ValueError(f"{hf_attn}.{PEFT_SHORT_NAMES[name][0]}.lora_B is {tuple(B_s.shape)}, expected {(n_rows, rank)}")
             B[b0:b0 + n_rows, :rank] = B_s if name == "value" else hf_to_meta_rows(B_s, heads)
-        c_attn = lit_module(hf_attn + ".q_proj")  # transformer.h.{i}.attn.c_attn
+        c_attn = _lit_module(hf_attn + ".q_proj")  # transformer.h.{i}.attn.c_attn
         out[f"{c_attn}.lora_A"], out[f"{c_attn}.lora_B"] = A, B
-    check_adapter_shapes(out, lora, config, "the PEFT adapter")
-    return out, lora
+    return out
