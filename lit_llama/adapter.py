@@ -146,12 +146,24 @@ def write_adapter(tensors: dict[str, torch.Tensor], path: Path | str, meta: dict
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"adapter path {str(path)!r} must end in .safetensors or .pth")
+    meta = {**meta, "tensors_sha256": tensors_sha256(tensors)}
     if path.suffix == ".safetensors":
         save_weights(tensors, path, metadata=meta)
     else:
         with atomic_path(path) as tmp:
             torch.save({"lora": {k: v.contiguous() for k, v in tensors.items()}, "meta": meta}, tmp)
     return path
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: stored with an adapter
+    (a few MB, so hashing is cheap) to tell a damaged file from a good one at load."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_adapter(
@@ -272,7 +284,40 @@ def load_adapter(path: Path | str) -> tuple[dict[str, torch.Tensor], AdapterMeta
         raise ValueError(f"{path} is not a LoRA adapter: it holds non-LoRA tensors such as {others[0]!r}")
     if meta is None:
         meta = _raw_meta(state_dict, path)
+    claimed = (meta_strings or {}).get("tensors_sha256")
+    if claimed and claimed != tensors_sha256(state_dict):
+        raise ValueError(f"{path} fails its checksum: its tensors changed since they were saved (a damaged copy?); "
+                         "copy it again or rerun finetune/lora.py")
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path} holds non-finite values (NaN or inf) in {name}: the training that wrote it "
+                             "diverged; use an earlier iter-* adapter or finetune again with a lower learning rate")
+    if meta.base_config is not None:  # the metadata must agree with the tensors before a model is built from it
+        check_adapter_fits_its_base(state_dict, meta, path.name)
     return state_dict, meta
+
+
+def check_adapter_fits_its_base(state_dict: dict[str, torch.Tensor], meta: AdapterMeta, name: str) -> None:
+    """A one-line error unless the file's tensors have the shapes its LoRAConfig gives on the base it
+    records (built on the meta device: an adapter claiming r=10^7 or a 10^9-token vocabulary
+    allocates nothing before it is refused)."""
+    try:
+        config = LLaMAConfig(**meta.base_config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} has a broken base_config in its metadata ({e}); save the adapter again") from None
+    check_adapter_shapes(state_dict, meta.lora, config, name)
+    grown = meta.lora.resize_vocab
+    rows = {"transformer.wte.new_rows": (grown or config.vocab_size) - config.vocab_size,
+            "lm_head.new_rows": (grown or config.vocab_size) - config.vocab_size,
+            "transformer.wte.weight": max(config.padded_vocab_size, grown or 0),
+            "lm_head.weight": max(config.padded_vocab_size, grown or 0)}
+    for key in meta.embedding_layers:
+        if key in state_dict and key in rows and tuple(state_dict[key].shape) != (rows[key], config.n_embd):
+            raise ValueError(f"{name} does not fit its metadata: {key} is {tuple(state_dict[key].shape)}, "
+                             f"resize_vocab={grown} on a {config.vocab_size}-token base needs {(rows[key], config.n_embd)}")
+    if grown is not None and not set(meta.embedding_layers) & set(rows) and grown > 2 * config.vocab_size:
+        raise ValueError(f"{name} claims resize_vocab={grown} for a {config.vocab_size}-token base but carries no grown "
+                         "rows; its metadata is damaged: save the adapter again")
 
 
 def _describe(shape: dict[str, Any]) -> str:
