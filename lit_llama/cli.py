@@ -8,6 +8,7 @@ LIT_LLAMA_DEBUG=1 to get the traceback anyway.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -25,7 +26,11 @@ def run(main: Callable[..., Any], args: list[str] | None = None, positional: boo
     """`main`'s signature as the command line (jsonargparse); with `positional`, its arguments without
     a default are positional (`script.py FILE`), as --help then shows."""
     try:
-        return CLI(main, args=args, as_positional=positional)
+        # exit_on_error=False: a flag jsonargparse cannot parse (a typo, "nan" for a float) raises here and
+        # is said in one line, instead of the whole usage text followed by a multi-line error.
+        return CLI(main, args=args, as_positional=positional, exit_on_error=False)
+    except argparse.ArgumentError as e:
+        fail(ValueError(f"{' '.join(str(e).split())}; run with --help to see every flag and its allowed values"))
     except USER_ERRORS as e:
         fail(e)
     except OSError as e:

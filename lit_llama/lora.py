@@ -59,9 +59,9 @@ class LoRAConfig:
     """What LoRA adds to the model (flags --lora.NAME in finetune/lora.py; stored whole in the adapter).
 
     Args:
-        r: Rank of the update B A.
-        alpha: The update is scaled by alpha / r, so changing r needs no new learning rate.
-        dropout: Dropout on the input of the LoRA path (the base path never sees it).
+        r: Rank of the update B A; a positive integer.
+        alpha: The update is scaled by alpha / r, so changing r needs no new learning rate; > 0.
+        dropout: Dropout on the input of the LoRA path (the base path never sees it); in [0, 1).
         query: Adapt the query slice of the fused attention projection.
         key: Adapt the key slice.
         value: Adapt the value slice.
@@ -109,6 +109,8 @@ class LoRAConfig:
                 raise ValueError(f"lora r_{name} must be a positive integer or None (= r), got {rank!r}")
             if rank is not None and not on:
                 raise ValueError(f"lora r_{name}={rank} is set but {name} is off; enable {name} or drop r_{name}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora alpha must be a positive number (the update is scaled by alpha / r), got {self.alpha}; try 16")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}; try 0.05 or 0.0")
         if not self.target_names and not self.train_embedding and not self.train_head:

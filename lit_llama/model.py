@@ -65,6 +65,16 @@ class LLaMAConfig:
     """Where the numbers come from (documentation only)."""
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model {name} must be a positive integer, got {value!r}")
+        for name in ("n_query_groups", "intermediate_size", "padded_vocab_size", "head_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"model {name} must be a positive integer (or unset), got {value!r}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0) or not (math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"model norm_eps and rope_base must be positive numbers, got {self.norm_eps} and {self.rope_base}")
         if self.padded_vocab_size is None:
             self.padded_vocab_size = find_multiple(self.vocab_size, 64)
         if self.n_query_groups is None:

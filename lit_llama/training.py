@@ -33,15 +33,15 @@ class TrainConfig:
     """Optimisation settings shared by every training script (flags --train.NAME).
 
     Args:
-        learning_rate: Peak learning rate (AdamW), reached after warmup.
-        min_lr: Learning rate at the end of the cosine decay.
+        learning_rate: Peak learning rate (AdamW), reached after warmup; > 0.
+        min_lr: Learning rate at the end of the cosine decay; between 0 and learning_rate.
         batch_size: Samples per optimizer step over all devices; a multiple of micro_batch_size x devices.
         micro_batch_size: Samples per forward/backward pass; gradients accumulate up to batch_size.
         epochs: Passes over the training set (ignored when max_iters is given).
         max_iters: Optimizer steps to run; overrides epochs when given.
         warmup_steps: Optimizer steps of linear learning-rate warmup.
-        weight_decay: AdamW weight decay.
-        grad_clip: Clip the gradient norm to this value (None: no clipping).
+        weight_decay: AdamW weight decay; >= 0.
+        grad_clip: Clip the gradient norm to this value, > 0 (None: no clipping).
         eval_interval: Optimizer steps between validations.
         eval_iters: Validation micro-batches per validation.
         save_interval: Optimizer steps between checkpoint saves.
@@ -64,18 +64,30 @@ class TrainConfig:
     log_interval: int = 1
     keep_last: int = 2
 
-    def validate(self, devices: int = 1) -> None:
+    def __post_init__(self) -> None:
+        """The ranges in the field docs, checked once here: the CLI and code that builds a TrainConfig alike."""
         for name in ("batch_size", "micro_batch_size", "epochs", "eval_interval", "eval_iters", "save_interval", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--train.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--train.learning_rate must be positive, got {self.learning_rate}; try 3e-4")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"--train.learning_rate must be a positive number, got {self.learning_rate}; try 3e-4")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.learning_rate):
+            raise ValueError(f"--train.min_lr must be between 0 and --train.learning_rate ({self.learning_rate:g}), got {self.min_lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--train.weight_decay must be a number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"--train.grad_clip must be a positive norm (or null: no clipping), got {self.grad_clip}; try 1.0")
         if self.max_iters is not None and self.max_iters <= 0:
             raise ValueError(f"--train.max_iters must be a positive number of optimizer steps, got {self.max_iters}")
         if self.keep_last < 0:
             raise ValueError(f"--train.keep_last must be >= 0 (0: no training states, no --resume), got {self.keep_last}")
         if self.warmup_steps < 0:
             raise ValueError(f"--train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def validate(self, devices: int = 1) -> None:
+        """What depends on the device count: the global batch splits into whole micro-batches."""
+        if devices < 1:
+            raise ValueError(f"--devices must be at least 1, got {devices}")
         per_step = self.micro_batch_size * devices
         if self.batch_size % per_step:
             raise ValueError(
@@ -294,6 +306,7 @@ def fit(
         sync_tokens()
         # Averaged over the ranks too: each saw its own micro-batches of the global batch.
         train_loss = fabric.all_reduce(torch.stack(p.running_loss).mean(), reduce_op="mean").item()
+        check_finite(train_loss)
         p.running_loss.clear()
         now = time.perf_counter()
         tps = tokens_since_log / max(now - t_log, 1e-9)
@@ -309,7 +322,19 @@ def fit(
         if sample is not None and fabric.global_rank == 0:
             bar.write(f"sample: {sample(model)!r}", file=sys.stderr)
 
+    def check_finite(loss: float) -> None:
+        """Stop before a diverged model is saved: what was saved earlier stays the last good result."""
+        if not math.isfinite(loss):
+            saved = sorted(out_dir.glob(f"iter-*-{checkpoint_name}*"))
+            raise ValueError(
+                f"the training loss became {loss} by step {p.step}; stopped without saving"
+                + (f" (the last good save is {saved[-1].name})" if saved else "")
+                + "; lower --train.learning_rate or keep --train.grad_clip on, and start again"
+            )
+
     def save_output(stem: Path) -> None:
+        if p.running_loss:  # the losses since the last log line, not checked yet
+            check_finite(fabric.all_reduce(torch.stack(p.running_loss).mean(), reduce_op="mean").item())
         with disk_errors_as_value_errors(stem):
             save(stem)
 

@@ -264,6 +264,17 @@ CASES: dict[str, Case] = {
     "batch_size 0 (full finetune)": Case(
         lambda e, o: finetune(e, o, "--train.batch_size", "0", script="finetune/full.py"), "--train.batch_size"),
     "learning_rate 0": Case(lambda e, o: finetune(e, o, "--train.learning_rate", "0"), "--train.learning_rate"),
+    "learning_rate inf": Case(lambda e, o: finetune(e, o, "--train.learning_rate", "inf"), "train.learning_rate"),
+    "min_lr nan": Case(lambda e, o: finetune(e, o, "--train.min_lr", "nan"), "train.min_lr"),
+    "min_lr above learning_rate": Case(lambda e, o: finetune(e, o, "--train.min_lr", "1"), "--train.min_lr must be between"),
+    "a misspelt flag": Case(lambda e, o: finetune(e, o, "--train.learnig_rate", "1e-3"), "unrecognized arguments"),
+    "grad_clip negative": Case(lambda e, o: finetune(e, o, "--train.grad_clip", "-1"), "--train.grad_clip"),
+    "LoRA alpha nan": Case(lambda e, o: finetune(e, o, "--lora.alpha", "nan"), "lora.alpha"),
+    "LoRA alpha 0": Case(lambda e, o: finetune(e, o, "--lora.alpha", "0"), "lora alpha must be a positive number"),
+    "devices 0": Case(lambda e, o: finetune(e, o, "--devices", "0"), "--devices must be at least 1"),
+    "training diverges to a non-finite loss": Case(
+        lambda e, o: finetune(e, o, "--train.learning_rate", "1e30", "--train.grad_clip", "null", "--train.max_iters", "4"),
+        "loss became"),
     "precision the CPU lacks": Case(lambda e, o: finetune(e, o, "--precision", "16-mixed"), "needs a GPU"),
     "no CUDA device": Case(lambda e, o: finetune(e, o, "--accelerator", "cuda"), "no CUDA device",
                            marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")]),
@@ -304,6 +315,12 @@ CASES: dict[str, Case] = {
         lambda e, o: ["scripts/merge_lora.py", "--checkpoint_dir", str(e.base), "--lora_path", str(e.adapter),
                       "--output_dir", str(o)], "No space left on device", prelude=DISK_FULL),
     # ---- pretraining
+    "model n_head 0": Case(lambda e, o: ["pretrain/base.py", "--data_dir", str(e.text_data), "--n_head", "0",
+                                         "--out_dir", str(o), "--accelerator", "cpu"], "n_head must be a positive integer"),
+    "model n_embd negative": Case(lambda e, o: ["pretrain/base.py", "--data_dir", str(e.text_data), "--n_embd", "-64",
+                                                "--out_dir", str(o), "--accelerator", "cpu"], "n_embd must be a positive integer"),
+    "model block_size 0": Case(lambda e, o: ["pretrain/base.py", "--data_dir", str(e.text_data), "--block_size", "0",
+                                             "--out_dir", str(o), "--accelerator", "cpu"], "block_size must be a positive integer"),
     "unknown preset": Case(lambda e, o: ["pretrain/base.py", "--data_dir", str(e.text_data), "--model_name", "7b-typo",
                                          "--out_dir", str(o), "--accelerator", "cpu"], "unknown model preset"),
     "pretrain data_dir not prepared": Case(
