@@ -211,7 +211,10 @@ def save_train_state(
 
 
 def prune_states(state_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` states (manifest first, so a half-deleted state is never valid)."""
+    """Delete all but the newest `keep_last` states (manifest first, so a half-deleted state is never valid).
+    A state folder that is a link is left alone: what it points at is not this run's to delete."""
+    if state_dir.is_symlink():
+        return
     keep = {p.stem for p in list_states(state_dir)[-max(keep_last, 1):]}
     for manifest in list_states(state_dir):
         if manifest.stem not in keep:
@@ -224,6 +227,8 @@ def prune_states(state_dir: Path, keep_last: int) -> None:
 def discard_states_after(state_dir: Path, step: int) -> None:
     """Delete the states newer than `step` (the corrupt ones a resume skipped): the resumed run
     writes them again, and they must not take the places that `keep_last` keeps."""
+    if state_dir.is_symlink():  # as in prune_states: not this run's to delete
+        return
     for manifest in list_states(state_dir):
         if state_step(manifest) > step:
             manifest.unlink(missing_ok=True)
@@ -332,13 +337,14 @@ def resolve_resume(resume: Path | Literal["auto"] | None, out_dir: Path) -> Path
 
 def clean_stale_temps(directory: Path) -> list[Path]:
     """Remove the `.NAME.*.tmp` files an interrupted atomic write left in `directory` and its
-    immediate subfolders; returns what was removed."""
+    immediate subfolders; returns what was removed. Links are never followed or removed: a linked
+    folder's files were not written by this run."""
     removed = []
     if not directory.is_dir():
         return removed
-    for folder in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
+    for folder in [directory, *(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink())]:
         for p in folder.iterdir():
-            if p.is_file() and _TEMP_RE.match(p.name):
+            if not p.is_symlink() and p.is_file() and _TEMP_RE.match(p.name):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

@@ -25,7 +25,15 @@ from lit_llama.data import collate
 from lit_llama.distributed import setup_fabric
 from lit_llama.lora import LoRAConfig, build_lora_model, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
-from lit_llama.resume import STATE_DIR, flatten_optimizer, list_states, unflatten_optimizer, verify_state
+from lit_llama.resume import (
+    STATE_DIR,
+    clean_stale_temps,
+    flatten_optimizer,
+    list_states,
+    prune_states,
+    unflatten_optimizer,
+    verify_state,
+)
 from lit_llama.samplers import EpochSampler, resumable_dataloader
 from lit_llama.training import TrainConfig, fit
 
@@ -261,3 +269,25 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
     for step in (10, 20, 29):  # the periodic adapters too
         name = f"iter-{step:06d}-lit_model.lora.safetensors"
         assert_same_weights(load_file(out / name), load_file(tmp_path / "ref" / name))
+
+
+def test_cleanup_and_pruning_never_follow_links(tmp_path):
+    """An out_dir with a linked subfolder and a linked train_state: the temporary-looking files and
+    the states behind the links belong to someone else and stay."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    foreign_tmp = elsewhere / ".notes.abc123.tmp"
+    foreign_tmp.write_text("not ours")
+    for step in (1, 2, 3):
+        (elsewhere / f"state-{step:06d}.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".ours.def456.tmp").write_text("left by an interrupted write")
+    (out / ".link.ghi789.tmp").symlink_to(foreign_tmp)
+    removed = clean_stale_temps(out)
+    assert removed == [out / ".ours.def456.tmp"]
+    assert foreign_tmp.read_text() == "not ours" and (out / ".link.ghi789.tmp").is_symlink()
+    (out / STATE_DIR).symlink_to(elsewhere, target_is_directory=True)
+    prune_states(out / STATE_DIR, keep_last=1)
+    assert sorted(p.name for p in elsewhere.glob("state-*.json")) == [f"state-{s:06d}.json" for s in (1, 2, 3)]
