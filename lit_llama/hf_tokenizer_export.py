@@ -23,6 +23,15 @@ tokens at the ids after the vocabulary, split out of the text as `Tokenizer.enco
 not marked special (that would stop the split), so AutoTokenizer's decode(skip_special_tokens=True)
 keeps them where ours drops them.
 
+Known differences, all in decoding ids a model generated (encoding is exact):
+- byte pieces that are not valid UTF-8: tokenizers' ByteFallback writes one U+FFFD per byte of the
+  whole run of byte pieces, SentencePiece keeps the valid bytes in it;
+- byte pieces that spell "▁" decode as a space (SentencePiece has the piece, so it never encodes so);
+- the unk id decodes as "<unk>" (or nothing, skip_special_tokens), SentencePiece writes " ⁇ ";
+- BOS/EOS are written out unless skip_special_tokens=True; SentencePiece writes nothing for them.
+A chat template renders "<s>"/"</s>" as text, and split_special_tokens makes that text again, as
+our tokenizer would; pass split_special_tokens=False to AutoTokenizer to get the special ids.
+
 A checkpoint with only a Hugging Face `tokenizer.json` (`HFTokenizer`): its files are copied
 unchanged; with special_tokens.json, tokenizer.json is written with those tokens added.
 """

@@ -47,7 +47,9 @@ def main(
     checkpoint_dir: Path = Path("checkpoints/stories260K"),
     output_dir: Path = Path("out/hf/stories260K"),
 ) -> Path:
-    """Convert a lit_llama checkpoint to a Hugging Face LlamaForCausalLM folder.
+    """Convert a lit_llama checkpoint to a Hugging Face LlamaForCausalLM folder, with tokenizer files that
+    transformers.AutoTokenizer loads and that encode as ours (tokenizer.json built from tokenizer.model,
+    tokenizer_config.json, special_tokens_map.json, generation_config.json; a Hugging Face tokenizer is copied).
 
     Args:
         checkpoint_dir: A lit_llama checkpoint directory (lit_config.json, lit_model.*, tokenizer.model).

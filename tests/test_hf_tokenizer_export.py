@@ -179,3 +179,30 @@ def test_exported_checkpoint_generates_in_transformers_as_here(tmp_path):
     assert len(set(expected[len(idx):].tolist())) > 8  # not degenerate
     new = expected[len(idx):].tolist()
     assert hf_tokenizer.decode(new) == ours.decode(new)
+
+
+def test_chat_template_beside_tokenizer_model_is_carried_over(tmp_path):
+    checkpoint = checkpoint_with(tmp_path, "tok512.model")
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    write_hf_tokenizer(checkpoint, tmp_path / "hf", LLaMAConfig.from_name("tiny"))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.chat_template == template
+    text = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert text == "user: Hi\n"
+
+
+def test_hugging_face_tokenizer_with_special_tokens_gets_them_added(tmp_path):
+    checkpoint = tmp_path / "lit"
+    checkpoint.mkdir()
+    for target, source in ((HF_TOKENIZER_NAME, "llama3-tokenizer.json"), ("tokenizer_config.json", "llama3-tokenizer_config.json")):
+        if not (DATA / source).is_file():
+            pytest.skip(f"{DATA / source} is absent")
+        shutil.copyfile(DATA / source, checkpoint / target)
+    (checkpoint / SPECIAL_TOKENS_NAME).write_text(json.dumps(["<|mine|>"]))
+    write_hf_tokenizer(checkpoint, tmp_path / "hf", LLaMAConfig.from_name("tiny"))
+    ours = Tokenizer.from_checkpoint(checkpoint)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.convert_tokens_to_ids("<|mine|>") == ours.special_ids["<|mine|>"] == 128256
+    text = "Hello<|mine|> world"
+    assert hf(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False).tolist()
