@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sentencepiece import SentencePieceProcessor
+from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
 from lit_llama.checkpoint import save_checkpoint
 from lit_llama.generation import generate
@@ -206,3 +206,14 @@ def test_hugging_face_tokenizer_with_special_tokens_gets_them_added(tmp_path):
     assert hf.convert_tokens_to_ids("<|mine|>") == ours.special_ids["<|mine|>"] == 128256
     text = "Hello<|mine|> world"
     assert hf(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False).tolist()
+
+
+def test_model_it_cannot_reproduce_is_refused_in_one_line(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    (tmp_path / "lit").mkdir()
+    SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "lit" / "tokenizer"), vocab_size=40,
+                               model_type="unigram", minloglevel=2, num_threads=1)
+    with pytest.raises(ValueError, match="a unigram model .*no byte fallback") as error:
+        write_hf_tokenizer(tmp_path / "lit", tmp_path / "hf", LLaMAConfig.from_name("tiny"))
+    assert "\n" not in str(error.value)
