@@ -108,9 +108,9 @@ def main(
                 with torch.device("meta"):
                     plain = LLaMA(config)
                 load_into(plain, state_dict)
-                save_checkpoint(plain, stem, tokenizer_path=checkpoint_dir / TOKENIZER_NAME)
+                save_checkpoint(plain, stem, tokenizer_dir=checkpoint_dir)
         elif fabric.global_rank == 0:
-            save_checkpoint(model.module if hasattr(model, "module") else model, stem, tokenizer_path=checkpoint_dir / TOKENIZER_NAME)
+            save_checkpoint(model.module if hasattr(model, "module") else model, stem, tokenizer_dir=checkpoint_dir)
         fabric.print(f"Saved checkpoint to {stem}/")
         fabric.barrier()
 

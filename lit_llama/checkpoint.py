@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lit_llama.model import LLaMA, LLaMAConfig
-from lit_llama.tokenizer import TOKENIZER_NAME
+from lit_llama.tokenizer import HF_TOKENIZER_FILES, SPECIAL_TOKENS_NAME, TOKENIZER_NAME
 
 CONFIG_NAME = "lit_config.json"
 WEIGHT_NAMES = ("lit_model.safetensors", "lit_model.pth")
@@ -93,21 +93,62 @@ def model_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     return sd
 
 
+# What save_checkpoint may write into a folder; a folder holding anything else is not replaced.
+TOKENIZER_FILES = (TOKENIZER_NAME, SPECIAL_TOKENS_NAME, *HF_TOKENIZER_FILES)
+CHECKPOINT_FILES = {CONFIG_NAME, *WEIGHT_NAMES, *TOKENIZER_FILES}
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it takes `path`'s name, so the folder
+    appears there whole or not at all. An existing folder at `path` is replaced only if it holds
+    nothing but checkpoint files (a resumed run saving its result again); otherwise a one-line
+    error, before anything is written. On any error the temporary folder is removed."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or path.is_symlink() or set(os.listdir(path)) - CHECKPOINT_FILES):
+        raise CheckpointError(f"{str(path)!r} exists and holds other files than a checkpoint's; "
+                              "pass a new folder (nothing was written)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():  # move the old one aside first: a folder cannot be renamed onto a full one
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(
     model: LLaMA,
     checkpoint_dir: Path | str,
     tokenizer_path: Path | str | None = None,
     weights_name: str = "lit_model.safetensors",
+    tokenizer_dir: Path | str | None = None,
+    special_tokens: Sequence[str] = (),
 ) -> Path:
-    """Write a complete checkpoint directory for `model`; returns the weights path."""
+    """Write a complete checkpoint directory for `model` (whole or not at all: `atomic_dir`); returns
+    the weights path. The tokenizer comes from `tokenizer_dir` (every tokenizer file a checkpoint
+    folder holds: tokenizer.model, tokenizer.json and its configs, special_tokens.json) or is the
+    SentencePiece file `tokenizer_path`; `special_tokens` (a merged adapter's) are written beside it."""
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = checkpoint_dir / weights_name
-    save_weights(model_state_dict(model), weights_path)
-    save_config(model.config, checkpoint_dir)
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (checkpoint_dir / TOKENIZER_NAME).resolve():
-        atomic_copy(tokenizer_path, checkpoint_dir / TOKENIZER_NAME)
-    return weights_path
+    with atomic_dir(checkpoint_dir) as tmp:
+        save_weights(model_state_dict(model), tmp / weights_name)
+        save_config(model.config, tmp)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+        if special_tokens:
+            (tmp / SPECIAL_TOKENS_NAME).write_text(json.dumps(list(special_tokens)) + "\n")
+    return checkpoint_dir / weights_name
 
 
 _ST_DTYPES = {

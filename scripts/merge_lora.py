@@ -10,7 +10,6 @@ to the base's dtype, so peak memory stays near one copy of the model.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from typing import Literal
 import torch
 
 from lit_llama.adapter import copy_adapter_, load_adapter
-from lit_llama.checkpoint import TOKENIZER_NAME, atomic_write_text, load_config, save_checkpoint
+from lit_llama.checkpoint import load_config, save_checkpoint
 from lit_llama.cli import run
 from lit_llama.lora import load_lora_model, merged_model
-from lit_llama.tokenizer import SPECIAL_TOKENS_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,10 +52,8 @@ def main(
     merged = merged_model(model)
     out_dtype = base_dtype if dtype == "keep" else DTYPES[dtype]
     merged = merged.to(out_dtype)
-    tokenizer = checkpoint_dir / TOKENIZER_NAME
-    weights = save_checkpoint(merged, output_dir, tokenizer_path=tokenizer if tokenizer.is_file() else None)
-    if meta.special_tokens:  # the grown rows' tokens, for Tokenizer.from_checkpoint
-        atomic_write_text(output_dir / SPECIAL_TOKENS_NAME, json.dumps(list(meta.special_tokens)) + "\n")
+    # With the base's tokenizer files, and the grown rows' tokens for Tokenizer.from_checkpoint.
+    weights = save_checkpoint(merged, output_dir, tokenizer_dir=checkpoint_dir, special_tokens=meta.special_tokens)
     print(f"Merged {lora_path} (r={meta.lora.r}, targets {meta.lora.targets}) into {weights} "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return output_dir

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import lit_llama.checkpoint as ckpt
 from lit_llama.checkpoint import (
     CheckpointError,
     atomic_path,
@@ -165,3 +166,24 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
 def test_missing_directory_says_how_to_fix_it(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_a_checkpoint_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure after the weights (the disk fills while the config or tokenizer is written) leaves no
+    folder under the final name and no temporary one; a folder with a user's other files is never replaced."""
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_config", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(random_model("tiny"), tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    save_checkpoint(random_model("tiny"), tmp_path / "ckpt")
+    save_checkpoint(random_model("tiny"), tmp_path / "ckpt")  # a re-save replaces its own checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        save_checkpoint(random_model("tiny"), tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
