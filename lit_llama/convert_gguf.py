@@ -226,7 +226,8 @@ def can_dequantize(qtype: gguf.GGMLQuantizationType) -> bool:
 
 def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     """A tensor as float32 in torch order ([out, in] for a matrix), via gguf's own dequantize."""
-    return gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    return np.require(values, requirements="W")  # F32 comes as a read-only view of the mapped file: copy it
 
 
 def check_tensors(reader: gguf.GGUFReader, config: LLaMAConfig) -> dict[str, gguf.ReaderTensor]:
@@ -241,17 +242,18 @@ def check_tensors(reader: gguf.GGUFReader, config: LLaMAConfig) -> dict[str, ggu
     if extra:
         raise ValueError(f"{len(extra)} tensor(s) in the GGUF file have no place in a LLaMA model, e.g. {extra[0]}; "
                          "lit_llama's llama has no biases or extra norms")
+    read = [tensors[n] for n in (*expected, ROPE_FREQS) if n in tensors]
+    unsupported = sorted({t.tensor_type for t in read if not can_dequantize(t.tensor_type)})
+    if unsupported:
+        names = [getattr(q, "name", str(q)) for q in unsupported]
+        example = next(t.name for t in read if t.tensor_type in unsupported)
+        raise ValueError(f"tensor type {', '.join(names)} (e.g. {example}) cannot be dequantized by gguf {_gguf_version()}; "
+                         "convert the model to another quantization with llama.cpp, or upgrade gguf")
     for name, shape in expected.items():
         t = tensors[name]
         ggml_shape = tuple(int(n) for n in reversed(t.shape))
         if ggml_shape != shape:
             raise ValueError(f"{name} has shape {ggml_shape} (torch order), but the metadata implies {shape}")
-    unsupported = sorted({t.tensor_type for t in tensors.values() if not can_dequantize(t.tensor_type)})
-    if unsupported:
-        names = [getattr(q, "name", str(q)) for q in unsupported]
-        example = next(n for n, t in tensors.items() if t.tensor_type in unsupported)
-        raise ValueError(f"tensor type {', '.join(names)} (e.g. {example}) cannot be dequantized by gguf {_gguf_version()}; "
-                         "convert the model to another quantization with llama.cpp, or upgrade gguf")
     return tensors
 
 
