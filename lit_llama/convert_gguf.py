@@ -89,7 +89,19 @@ def field(reader: gguf.GGUFReader, key: str, default: Any = _MISSING) -> Any:
         if default is _MISSING:
             raise ValueError(f"the GGUF file has no {key!r} in its metadata; is it a complete llama model file?")
         return default
-    return f.contents()
+    return _value(f)
+
+
+def _value(f: gguf.ReaderField) -> Any:
+    """A field's value from its raw parts (ReaderField.contents() only exists in newer gguf versions)."""
+    def scalar(kind: gguf.GGUFValueType, part: np.ndarray) -> Any:
+        if kind == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [scalar(f.types[-1], f.parts[i]) for i in f.data]
+    return scalar(f.types[0], f.parts[f.data[0]])
 
 
 def architecture(reader: gguf.GGUFReader) -> str:
@@ -224,10 +236,21 @@ def can_dequantize(qtype: gguf.GGMLQuantizationType) -> bool:
     return True
 
 
-def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
-    """A tensor as float32 in torch order ([out, in] for a matrix), via gguf's own dequantize."""
-    values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(int(n) for n in reversed(tensor.shape)))
-    return np.require(values, requirements="W")  # F32 comes as a read-only view of the mapped file: copy it
+def dequantize(tensor: gguf.ReaderTensor, rows_per_chunk: int = 4096) -> np.ndarray:
+    """A tensor as float32 in torch order ([out, in] for a matrix), via gguf's own dequantize.
+
+    A matrix is dequantized `rows_per_chunk` rows at a time into the output, because gguf's numpy
+    dequantizers make temporaries several times the size of their result (for an embedding, hundreds
+    of MB)."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    data = tensor.data
+    if data.ndim != 2 or len(data) <= rows_per_chunk:
+        values = gguf.dequantize(data, tensor.tensor_type).reshape(shape)
+        return np.require(values, requirements="W")  # F32 comes as a read-only view of the mapped file: copy it
+    out = np.empty((len(data), math.prod(shape) // len(data)), dtype=np.float32)
+    for start in range(0, len(data), rows_per_chunk):
+        out[start:start + rows_per_chunk] = gguf.dequantize(data[start:start + rows_per_chunk], tensor.tensor_type)
+    return out.reshape(shape)
 
 
 def check_tensors(reader: gguf.GGUFReader, config: LLaMAConfig) -> dict[str, gguf.ReaderTensor]:
@@ -414,7 +437,7 @@ def sentencepiece_model(reader: gguf.GGUFReader) -> bytes:
         if ids[name] is not None and ids[name] < len(tokens):
             trainer += _pb_bytes(no, tokens[ids[name]])
     charsmap = reader.fields.get("tokenizer.ggml.precompiled_charsmap")
-    charsmap_bytes = bytes(np.asarray(charsmap.contents(), dtype=np.uint8)) if charsmap is not None else b""
+    charsmap_bytes = bytes(np.asarray(_value(charsmap), dtype=np.uint8)) if charsmap is not None else b""
     normalizer = (_pb_bytes(1, "nmt_nfkc" if charsmap_bytes else "identity") + _pb_bytes(2, charsmap_bytes)
                   + _pb_int(3, int(bool(field(reader, "tokenizer.ggml.add_space_prefix", True)))) + _pb_int(4, 0))
     return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)

@@ -148,6 +148,7 @@ def test_smol_logits_match_transformers_gguf_loader(smol_dir, hf_smol, hf_smol_t
 
 
 @needs_smol
+@pytest.mark.usefixtures("one_thread")  # 128 one-token steps: threads only add hand-offs (minutes on a busy machine)
 def test_smol_greedy_generation_matches_transformers(smol_dir, hf_smol):
     ours = load_model(smol_dir, dtype=torch.float32)
     tokenizer = Tokenizer.from_checkpoint(smol_dir)
