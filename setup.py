@@ -17,6 +17,7 @@ setup(
         "tokenizers>=0.19",  # Hugging Face tokenizer.json (Llama 3, SmolLM2, ...), read by the format's own library
         "jsonargparse[signatures]>=4.27",
         "safetensors>=0.4",  # checkpoints that cannot execute code when loaded
+        "gguf>=0.10",  # llama.cpp's GGUF files, read and dequantized by the format's own reader (scripts/convert_gguf_checkpoint.py)
         "tqdm>=4.60",  # progress bars (already a dependency of lightning)
     ],
     extras_require={
