@@ -18,6 +18,7 @@ setup(
         "jsonargparse[signatures]>=4.27",
         "safetensors>=0.4",  # checkpoints that cannot execute code when loaded
         "tqdm>=4.60",  # progress bars (already a dependency of lightning)
+        "jinja2>=3.1.6",  # checkpoints' chat templates, in its sandbox (already a dependency of torch; older ones had sandbox escapes)
     ],
     extras_require={
         # transformers and peft are the references the tests compare against; matplotlib draws loss.png

@@ -108,7 +108,7 @@ def test_eos_stops_only_its_row(pair):
     # EOS := the 4th token of row 0's greedy continuation, chosen so that it has not appeared before.
     stop = next(i for i in range(3, 12) if expected[0][i] not in expected[0][:i])
     eos_id = expected[0][stop]
-    outs = generate(model, batch, 12, temperature=0, eos_id=eos_id)
+    outs = generate(model, batch, 12, temperature=0, stop_ids=eos_id)
     for prompt, out, exp in zip(batch, outs, expected):
         cut = exp.index(eos_id) if eos_id in exp else len(exp)
         assert out[len(prompt):].tolist() == exp[:cut]  # stops before EOS, others run on
