@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lit_llama.cli import run
 
-CONFIG_PATTERNS = ["*.json", "tokenizer.model"]
+CONFIG_PATTERNS = ["*.json", "tokenizer.model", "chat_template.jinja"]  # the chat template, where it is not in tokenizer_config.json
 
 
 def main(
