@@ -19,6 +19,7 @@ setup(
         "safetensors>=0.4",  # checkpoints that cannot execute code when loaded
         "gguf>=0.10",  # llama.cpp's GGUF files, read and dequantized by the format's own reader (scripts/convert_gguf_checkpoint.py)
         "tqdm>=4.60",  # progress bars (already a dependency of lightning)
+        "jinja2>=3.1.6",  # checkpoints' chat templates, in its sandbox (already a dependency of torch; older ones had sandbox escapes)
     ],
     extras_require={
         # transformers and peft are the references the tests compare against; matplotlib draws loss.png

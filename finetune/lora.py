@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from lit_llama.adapter import adapter_metadata, save_adapter, write_adapter
-from lit_llama.checkpoint import TOKENIZER_NAME, load_config
+from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
 from lit_llama.data import dataset_special_tokens, instruction_dataloaders
 from lit_llama.distributed import (
@@ -69,7 +69,7 @@ def main(
 
     Args:
         data_dir: Folder with train/test splits written by scripts/prepare_*.py.
-        checkpoint_dir: The base model: a checkpoint directory with lit_config.json, weights and tokenizer.model.
+        checkpoint_dir: The base model: a checkpoint directory with lit_config.json, weights and tokenizer.model or tokenizer.json.
         out_dir: Where the adapter, metrics.csv and hparams.json are written.
         precision: 32-true (fp32), bf16-mixed (bf16 base weights, fp32 LoRA, autocast), bf16-true, or 16-mixed (GPU).
         accelerator: cpu, cuda, or auto (cuda when available).
@@ -94,12 +94,12 @@ def main(
     check_strategy(strategy, accelerator, resume)
     check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed, strategy, activation_checkpointing, train.grad_clip)
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir)  # tokenizer.model or tokenizer.json
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")
     special_tokens = dataset_special_tokens(data_meta)
     if special_tokens:
-        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, special_tokens)
+        tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=special_tokens)
         lora = grow_for_special_tokens(lora, config, tokenizer)
         fabric.print(f"{len(special_tokens)} special tokens from the data ({', '.join(special_tokens)}): vocabulary "
                      f"{config.vocab_size} -> {lora.resize_vocab}, embedding and head trained "
@@ -150,9 +150,9 @@ def grow_for_special_tokens(lora: LoRAConfig, config: LLaMAConfig, tokenizer: To
     """The LoRAConfig that gives the data's special tokens rows to learn: the vocabulary grown to
     the tokenizer's (resize_vocab), and the embedding and head trained fully (--lora.train_embedding, --lora.train_head)
     unless LoRA on the embedding already adapts them."""
-    pieces = tokenizer.processor.vocab_size()
+    pieces = tokenizer.base_vocab_size
     if pieces != config.vocab_size:
-        raise ValueError(f"the tokenizer has {pieces} pieces but the checkpoint's vocabulary is {config.vocab_size}: "
+        raise ValueError(f"the tokenizer has {pieces} tokens but the checkpoint's vocabulary is {config.vocab_size}: "
                          "special tokens get the ids after the vocabulary, so the two must agree; use the checkpoint's tokenizer")
     needed = tokenizer.vocab_size
     if lora.resize_vocab is not None and lora.resize_vocab < needed:

@@ -2,7 +2,10 @@
 
     python generate/base.py --checkpoint_dir checkpoints/stories260K --prompt "Once upon a time"
 
-The text (prompt + continuation) goes to stdout; load time, tokens/s and peak memory to stderr.
+Raw text (a base model, or --prompt_style none): the prompt + continuation goes to stdout. With a
+prompt style (by default the checkpoint's own chat template when its tokenizer has one) the prompt
+is one user turn and only the reply goes to stdout; the style used is named on stderr, with load
+time, tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run
 from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import generate
+from lit_llama.prompts import TEMPLATE_STYLE_NAME, PromptStyleName, describe_style, get_prompt_style
 from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
 
@@ -35,6 +39,7 @@ def main(
     compile: bool = False,
     seed: int = 1234,
     tokenizer_path: Path | None = None,
+    prompt_style: Literal["auto", "none"] | PromptStyleName = "auto",
 ) -> list[str]:
     """Generate text from a prompt.
 
@@ -50,7 +55,8 @@ def main(
         accelerator: Where to run: auto picks cuda when available, else cpu.
         compile: torch.compile the one-token decode step; on CPU its matrix-vector products become fused reductions (about 2x the eager tokens/s at batch 1; with num_samples > 1 over weights packed for oneDNN, 1.3x); 20-30 s to compile, so it pays off for long generations. Without it, CPU weights are packed for oneDNN once.
         seed: Random seed for sampling.
-        tokenizer_path: The SentencePiece model; default: tokenizer.model in checkpoint_dir.
+        tokenizer_path: The tokenizer (a SentencePiece .model or a tokenizer.json); default: the one in checkpoint_dir.
+        prompt_style: How the prompt is written: none (raw text to continue), a named style (alpaca, plain, chatml, llama3: the prompt is one user turn), chat_template (the checkpoint's own chat template), or auto: chat_template when the checkpoint's tokenizer has one (instruct models), else none. With a style only the reply is printed; stderr names the style used.
     """
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
@@ -75,16 +81,28 @@ def main(
             "pass the tokenizer this checkpoint was trained with"
         )
 
-    encoded = tokenizer.encode(prompt, bos=True, device=device)
+    style = None
+    if prompt_style == "auto" and tokenizer.chat_template is not None:
+        style = get_prompt_style(TEMPLATE_STYLE_NAME, tokenizer)
+    elif prompt_style not in ("auto", "none"):
+        style = get_prompt_style(prompt_style, tokenizer)
+    if style is None:
+        print("prompt style: none (raw text)", file=sys.stderr)
+        encoded = tokenizer.encode(prompt, bos=True, device=device)
+        stop_ids = tokenizer.stop_ids
+    else:
+        print(f"prompt style: {describe_style(style)}; --prompt_style none continues raw text", file=sys.stderr)
+        encoded = style.encode(tokenizer, [{"role": "user", "content": prompt}], device=device)
+        stop_ids = style.stop_ids(tokenizer)
     prompts = [encoded] * num_samples
     decode_fn = prepare_decoding(model, compile, pack, num_samples, len(encoded), max_new_tokens)
     t0 = time.perf_counter()
     outputs = generate(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_fn=decode_fn,
+        stop_ids=stop_ids, pad_id=tokenizer.pad_id, decode_fn=decode_fn,
     )
     elapsed = time.perf_counter() - t0
-    texts = [tokenizer.decode(out) for out in outputs]
+    texts = [tokenizer.decode(out) if style is None else tokenizer.decode(out[len(encoded):]).strip() for out in outputs]
     for text in texts:
         print(text)
     n_new = sum(len(out) - len(encoded) for out in outputs)

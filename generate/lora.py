@@ -18,13 +18,12 @@ from typing import Literal
 import torch
 
 from lit_llama.adapter import copy_adapter_, load_adapter
-from lit_llama.checkpoint import TOKENIZER_NAME
 from lit_llama.cli import run
 from lit_llama.decode_speedups import pack_weights_timed, packs_weights, prepare_decoding
 from lit_llama.generation import generate
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
-from lit_llama.prompts import get_prompt_style
+from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
 from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
 
@@ -41,7 +40,7 @@ def main(
     precision: Literal["32-true", "bf16-true", "16-true"] = "32-true",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     compile: bool = False,
-    prompt_style: str | None = None,
+    prompt_style: PromptStyleName | None = None,
     seed: int = 1234,
 ) -> str | list[str]:
     """Generate a response to an instruction with a LoRA-finetuned model.
@@ -58,7 +57,7 @@ def main(
         precision: Weight and compute dtype: 32-true, bf16-true, or 16-true (GPU only).
         accelerator: Where to run: auto picks cuda when available, else cpu.
         compile: torch.compile the one-token decode step of the merged model, as generate/base.py --compile (one adapter only).
-        prompt_style: Override the prompt template stored in the adapter (e.g. alpaca, plain).
+        prompt_style: Override the prompt template stored in the adapter: alpaca, plain, chatml, llama3, or chat_template (the checkpoint's own chat template); default: the adapter's, else alpaca.
         seed: Random seed for sampling.
     """
     device = resolve_device(accelerator)
@@ -73,8 +72,8 @@ def main(
                              precision, device, prompt_style)
     lora_path = paths[0]
     adapter, meta = load_adapter(lora_path)  # read once: the tensors are copied in below
-    style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca")
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens)  # with the tokens the adapter added
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=meta.special_tokens)  # with the tokens the adapter added
+    style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca", tokenizer)
 
     t0 = time.perf_counter()
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
@@ -82,13 +81,14 @@ def main(
     model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=not pack)
     copy_adapter_(model, adapter, meta, lora_path.name)
     model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
-    print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s; prompt style: {describe_style(style)}",
+          file=sys.stderr)
 
-    encoded = tokenizer.encode(style.format(prompt, input), bos=True, device=device)
+    encoded = tokenizer.encode(style.format(prompt, input), bos=style.bos, device=device)
     decode_fn = prepare_decoding(model, compile, pack, 1, len(encoded), max_new_tokens)
     t0 = time.perf_counter()
     out = generate(model, [encoded], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_fn=decode_fn)[0]
+                   stop_ids=style.stop_ids(tokenizer), pad_id=tokenizer.pad_id, decode_fn=decode_fn)[0]
     elapsed = time.perf_counter() - t0
     response = tokenizer.decode(out[len(encoded):]).strip()
     print(response)
@@ -109,19 +109,18 @@ def generate_many(
     if len({meta.special_tokens for meta in metas}) > 1:
         raise ValueError("the adapters add different special tokens to the tokenizer, so their prompts cannot share one "
                          "batch; generate with each adapter on its own")
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, metas[0].special_tokens)
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=metas[0].special_tokens)
     model = model.to(PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} + {len(paths)} adapters in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if pack:  # the layers no adapter wraps: 134M bf16, 8 rows over 8 Q/V adapters, 294 -> 338 tokens/s
         pack_weights_timed(model)
     # Each adapter gets the prompt in its own template: row k is adapter k.
-    encoded = [
-        tokenizer.encode(get_prompt_style(prompt_style or meta.prompt_style or "alpaca").format(prompt, input), bos=True, device=device)
-        for meta in metas
-    ]
+    styles = [get_prompt_style(prompt_style or meta.prompt_style or "alpaca", tokenizer) for meta in metas]
+    encoded = [tokenizer.encode(style.format(prompt, input), bos=style.bos, device=device) for style in styles]
+    stop_ids = tuple(dict.fromkeys(i for style in styles for i in style.stop_ids(tokenizer)))
     t0 = time.perf_counter()
     outs = generate_with_adapters(model, encoded, list(range(len(paths))), max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                                  top_k=top_k, top_p=top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_id)
     elapsed = time.perf_counter() - t0
     responses = [tokenizer.decode(out[len(enc):]).strip() for enc, out in zip(encoded, outs)]
     for path, response in zip(paths, responses):

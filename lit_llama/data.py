@@ -36,8 +36,8 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lit_llama.checkpoint import TOKENIZER_NAME, atomic_path, atomic_write_text, save_weights
-from lit_llama.prompts import PromptStyle, get_prompt_style
+from lit_llama.checkpoint import atomic_path, atomic_write_text, save_weights
+from lit_llama.prompts import PromptStyle, TemplateStyle, get_prompt_style, user_content
 from lit_llama.samplers import MicroBatchSampler
 from lit_llama.tokenizer import Tokenizer
 
@@ -54,14 +54,42 @@ _BOOL_METADATA = ("mask_inputs",)
 
 
 # ------------------------------------------------------------------------------------ tokenizing
+def _prompt_and_target(tokenizer: Tokenizer, sample: dict, style: PromptStyle) -> tuple[str, str, bool]:
+    """(prompt, target, append_eos): the prompt text, the text after it that is learned, and whether
+    EOS follows the target.
+
+    Instruction styles: the output, then EOS. Chat styles: the instruction (and input) is the user
+    turn, the output the assistant's; the target is the output as the style writes it, up to and
+    including the style's end token (<|im_end|>, <|eot_id|>, ...), which the model must learn to stop
+    on. What the style writes after it (a newline, the next header) is dropped. EOS follows only when
+    the tokenizer lacks the end token as one token.
+    """
+    instruction, input, output = sample["instruction"], sample.get("input") or "", sample["output"]
+    prompt = style.format(instruction, input)
+    if style.end_token is None:
+        return prompt, output, True
+    user = {"role": "user", "content": user_content(instruction, input)}
+    full = style.render([user, {"role": "assistant", "content": output}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"prompt style {style.name!r} does not write a reply after its own generation prompt "
+                         "(the conversation with the answer does not start with the prompt); choose another --prompt_style")
+    rest = full[len(prompt):]
+    answer_end = rest.find(output.strip()) + len(output.strip()) if output.strip() in rest else 0
+    end = rest.find(style.end_token, answer_end)
+    if end < 0:
+        raise ValueError(f"prompt style {style.name!r} does not end the assistant's turn with {style.end_token!r}; "
+                         "choose another --prompt_style")
+    return prompt, rest[: end + len(style.end_token)], style.end_id(tokenizer) is None
+
+
 def _tokenize(
     tokenizer: Tokenizer, sample: dict, style: PromptStyle, max_seq_length: int, mask_inputs: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """(input_ids, labels) cut to max_seq_length, the length before the cut, and whether the prompt's
     tokens are a prefix of the full sample's tokens."""
-    prompt = style.format(sample["instruction"], sample.get("input") or "")
-    ids = tokenizer.encode(prompt + sample["output"], bos=True, eos=True)
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    prompt, target, append_eos = _prompt_and_target(tokenizer, sample, style)
+    ids = tokenizer.encode(prompt + target, bos=style.bos, eos=append_eos)
+    prompt_ids = tokenizer.encode(prompt, bos=style.bos, eos=False)
     labels = ids.clone()
     if mask_inputs:
         labels[: len(prompt_ids)] = IGNORE_INDEX
@@ -76,9 +104,9 @@ def tokenize_sample(
     """One record -> (input_ids (T,), labels (T,), truncated), both LongTensors with T <= max_seq_length.
 
     With `mask_inputs` the prompt positions of `labels` are IGNORE_INDEX; `truncated` says whether
-    the sample was longer than `max_seq_length` and was cut (its EOS is then lost).
+    the sample was longer than `max_seq_length` and was cut (its EOS or end token is then lost).
     """
-    ids, labels, full_length, _ = _tokenize(tokenizer, sample, get_prompt_style(style), max_seq_length, mask_inputs)
+    ids, labels, full_length, _ = _tokenize(tokenizer, sample, get_prompt_style(style, tokenizer), max_seq_length, mask_inputs)
     return ids, labels, full_length > max_seq_length
 
 
@@ -339,20 +367,21 @@ def prepare_instruction_data(
     """
     t0 = time.perf_counter()
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
-    style = get_prompt_style(prompt_style)
     if max_seq_length < 2:
         raise ValueError(f"--max_seq_length must be at least 2 (a prompt token and a target), got {max_seq_length}")
     if destination_path.exists() and not destination_path.is_dir():
         raise ValueError(f"--destination_path {str(destination_path)!r} is a file; pass a directory")
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else checkpoint_dir / TOKENIZER_NAME
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {str(tokenizer_path)!r} does not exist; pass --checkpoint_dir (a folder with "
-                                f"{TOKENIZER_NAME}) or --tokenizer_path")
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer {str(tokenizer_path)!r} does not exist; pass a tokenizer.model or tokenizer.json "
+                                "file, or leave --tokenizer_path out to use the checkpoint's")
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, tokenizer_path, special_tokens)
+    style = get_prompt_style(prompt_style, tokenizer)
     train, test = split_train_test(records, test_size, seed)
-    tokenizer = Tokenizer(tokenizer_path, special_tokens)
     common = {"prompt_style": style.name, "max_seq_length": max_seq_length, "mask_inputs": mask_inputs,
-              "tokenizer_vocab_size": tokenizer.vocab_size, "tokenizer_sha256": _sha256(tokenizer_path),
+              "tokenizer_vocab_size": tokenizer.vocab_size, "tokenizer_sha256": _sha256(tokenizer.path),
               "source": source, "seed": seed}
+    if isinstance(style, TemplateStyle):  # the template is part of the format the model learns
+        common["chat_template_sha256"] = hashlib.sha256(style.template.encode("utf-8")).hexdigest()
     if special_tokens:  # only when given, so that data prepared without them reads as before
         common["special_tokens"] = json.dumps(list(special_tokens))
 
@@ -377,7 +406,7 @@ def prepare_instruction_data(
         save_dataset(split_path(destination_path, split), encoded[split], {
             **common, "split": split, "num_truncated": stats[split]["num_truncated"],
             "num_no_target": stats[split]["num_no_target"]})
-    summary = {**common, "tokenizer_path": str(tokenizer_path), "test_size": test_size, "splits": stats,
+    summary = {**common, "tokenizer_path": str(tokenizer.path), "test_size": test_size, "splits": stats,
                "boundary_merges": boundary_merges, "longest_sample_tokens": longest,
                "seconds": round(time.perf_counter() - t0, 3)}
     atomic_write_text(destination_path / META_NAME, json.dumps(summary, indent=2) + "\n")

@@ -61,17 +61,17 @@ def exact_match(
     Returns overall and per-`task` accuracy (records without a task count as "all") and the
     predictions themselves, so a report can show what went wrong.
     """
-    style = get_prompt_style(prompt_style)
+    style = get_prompt_style(prompt_style, tokenizer)
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(records), batch_size), desc="exact match", unit="batch", leave=False):
         batch = records[start: start + batch_size]
-        prompts = [tokenizer.encode(style.format(r["instruction"], r.get("input", "")), bos=True, device=device) for r in batch]
+        prompts = [tokenizer.encode(style.format(r["instruction"], r.get("input", "")), bos=style.bos, device=device) for r in batch]
         longest = max(len(p) for p in prompts)
         budget = min(max_new_tokens, model.config.block_size - longest)
         if budget <= 0:
             raise ValueError(f"a prompt of {longest} tokens leaves no room to answer in the model's context of {model.config.block_size}")
-        outputs = generate(model, prompts, budget, temperature=0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        outputs = generate(model, prompts, budget, temperature=0, stop_ids=style.stop_ids(tokenizer), pad_id=tokenizer.pad_id)
         for record, prompt, out in zip(batch, prompts, outputs):
             predictions.append(response_of(tokenizer.decode(out[len(prompt):])))
     model.clear_kv_cache()

@@ -8,6 +8,7 @@ prompt right does not change its result (beyond float rounding).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Callable
 
@@ -77,23 +78,28 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
     return idx, pads
 
 
+def _stop_tensor(stop_ids: Sequence[int] | int | None, device: torch.device) -> torch.Tensor | None:
+    ids = _ids_list(stop_ids)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
 @torch.inference_mode()
-def generate(
+def generate_tokens(
     model: LLaMA,
     prompts: list[torch.Tensor] | torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    stop_ids: Sequence[int] | int | None = None,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     decode_fn: Callable = decode_one_token,
-) -> list[torch.Tensor]:
-    """Continue each prompt (1-D id tensors, any lengths) by up to `max_new_tokens` tokens.
-
-    Returns one tensor per prompt: the prompt followed by its new tokens, stopping before EOS.
-    `decode_fn` is the per-token step, so a caller can pass a compiled `decode_one_token`.
+) -> Iterator[torch.Tensor]:
+    """The one generation loop: yields each step's new tokens (B,) for the prompts (1-D id tensors,
+    any lengths; a (B, T) tensor is B prompts), at most `max_new_tokens` steps, ending early once every
+    row has sampled one of `stop_ids` (a row that has stopped keeps being sampled until then; the
+    caller cuts it). `decode_fn` is the per-token step, so a caller can pass a compiled `decode_one_token`.
     """
     if isinstance(prompts, torch.Tensor):
         prompts = list(prompts) if prompts.dim() == 2 else [prompts]
@@ -113,29 +119,85 @@ def generate(
     cache_len = model.transformer.h[0].attn.kv_cache.k.shape[2]
     slots = torch.arange(cache_len, device=idx.device)
     key_valid = (slots[None, :] >= pads[:, None]) if bool(pads.any()) else None  # (B, S)
+    stops = _stop_tensor(stop_ids, idx.device)
 
     positions = torch.arange(L, total, device=idx.device)  # where each new token goes, made once
-    new_tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=idx.device)
-    # A row's length is max_new_tokens until it emits EOS; then it is the EOS position.
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=idx.device)
-    n_new = 0
+    stopped = torch.zeros(B, dtype=torch.bool, device=idx.device)
     eager = decode_fn is decode_one_token
     logits = prefill(model, idx, key_valid)
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        new_tokens[:, step] = token
-        n_new = step + 1
-        if eos_id is not None:
-            lengths = torch.where((token == eos_id) & (lengths == max_new_tokens), step, lengths)
-            if bool((lengths < max_new_tokens).all()):
-                break
+        yield token
+        if stops is not None:
+            stopped |= torch.isin(token, stops)
+            if bool(stopped.all()):
+                return
         if step + 1 < max_new_tokens:
             # Every step passes the same shapes and objects, so once the first has passed dynamo's
             # guards (compiling if needed) a compiled decode_fn need not re-check them: 0.35 -> 0.1 ms a
             # token. The eager step has no guards, and set_stance would import dynamo for it (about 1 s).
             with nullcontext() if eager else torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
                 logits = decode_fn(model, token[:, None], positions[step:step + 1], key_valid)
-    return [torch.cat([p, new_tokens[row, : min(int(lengths[row]), n_new)]]) for row, p in enumerate(prompts)]
+
+
+@torch.inference_mode()
+def generate(
+    model: LLaMA,
+    prompts: list[torch.Tensor] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] | int | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    decode_fn: Callable = decode_one_token,
+) -> list[torch.Tensor]:
+    """Continue each prompt (1-D id tensors, any lengths) by up to `max_new_tokens` tokens.
+
+    Returns one tensor per prompt: the prompt followed by its new tokens, stopping before the first
+    of `stop_ids` (one id or several: a tokenizer's `stop_ids`, e.g. Llama 3's <|eot_id|> and
+    <|end_of_text|>). The loop is `generate_tokens`.
+    """
+    if isinstance(prompts, torch.Tensor):
+        prompts = list(prompts) if prompts.dim() == 2 else [prompts]
+    steps = list(generate_tokens(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, pad_id,
+                                 generator, decode_fn))
+    device = prompts[0].device
+    new_tokens = torch.stack(steps, dim=1) if steps else torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+    n_new = new_tokens.shape[1]
+    lengths = torch.full((len(prompts),), n_new, dtype=torch.long, device=device)
+    stops = _stop_tensor(stop_ids, device)
+    if stops is not None and n_new:
+        is_stop = torch.isin(new_tokens, stops)  # (B, n_new)
+        lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1), lengths)  # argmax: the first stop
+    return [torch.cat([p, new_tokens[row, : int(lengths[row])]]) for row, p in enumerate(prompts)]
+
+
+def stream(
+    model: LLaMA,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] | int | None = None,
+    generator: torch.Generator | None = None,
+    decode_fn: Callable = decode_one_token,
+) -> Iterator[int]:
+    """The new token ids of one prompt (1-D), each as soon as it is sampled, ending before a stop id
+    (which is not yielded) or after `max_new_tokens`. The loop is `generate_tokens`."""
+    stops = set(_ids_list(stop_ids))
+    for token in generate_tokens(model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                 generator=generator, decode_fn=decode_fn):
+        token_id = int(token[0])
+        if token_id in stops:
+            return
+        yield token_id
+
+
+def _ids_list(stop_ids: Sequence[int] | int | None) -> list[int]:
+    return [] if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
 
 
 # ------------------------------------------------- text samples of a model in training, for eyeballing
@@ -143,23 +205,28 @@ def instruction_sampler(
     tokenizer, prompt_style: str, instruction: str, max_new_tokens: int = 64
 ) -> Callable[[torch.nn.Module], str]:
     """A function that greedily answers `instruction` with the model in training, for eyeballing progress."""
-    return greedy_sampler(tokenizer, get_prompt_style(prompt_style).format(instruction), max_new_tokens)
+    style = get_prompt_style(prompt_style, tokenizer)
+    return greedy_sampler(tokenizer, style.format(instruction), max_new_tokens, bos=style.bos,
+                          stop_ids=style.stop_ids(tokenizer))
 
 
 def greedy_sampler(
-    tokenizer, prompt: str, max_new_tokens: int, keep_prompt: bool = False
+    tokenizer, prompt: str, max_new_tokens: int, keep_prompt: bool = False, bos: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> Callable[[torch.nn.Module], str]:
     """A function that greedily continues `prompt` with the model in training (the continuation, or
-    prompt + continuation with `keep_prompt`), then puts the model back in training mode."""
+    prompt + continuation with `keep_prompt`), then puts the model back in training mode. It stops
+    at `stop_ids` (default: the tokenizer's)."""
     def sample(model: torch.nn.Module) -> str:
         inner = getattr(model, "module", model)
         device = next(inner.parameters()).device
-        ids = tokenizer.encode(prompt, bos=True, device=device)
+        ids = tokenizer.encode(prompt, bos=bos, device=device)
         budget = min(max_new_tokens, inner.config.block_size - len(ids))
         if budget <= 0:
             return ""
         inner.eval()
-        out = generate(inner, [ids], budget, temperature=0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
+        out = generate(inner, [ids], budget, temperature=0,
+                       stop_ids=tokenizer.stop_ids if stop_ids is None else stop_ids, pad_id=tokenizer.pad_id)[0]
         inner.clear_kv_cache()
         inner.train()
         return tokenizer.decode(out if keep_prompt else out[len(ids):])

@@ -50,6 +50,7 @@ class Tokenizer:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(model_path)!r} does not exist; pass a SentencePiece .model file")
+        self.path = model_path  # the file read, e.g. for a hash of it
         self.processor = SentencePieceProcessor(model_file=str(model_path))
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
@@ -80,6 +81,16 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """The SentencePiece model's pieces plus the special tokens."""
         return self.processor.vocab_size() + len(self.special_tokens)
+
+    @property
+    def base_vocab_size(self) -> int:
+        """The ids the tokenizer's own files define, before the `special_tokens` added here."""
+        return self.processor.vocab_size()
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """Tokens that text containing them always encodes as one id (text -> id): here the special tokens."""
+        return dict(self.special_ids)
 
     def encode(
         self, text: str, bos: bool = True, eos: bool = False, max_length: int | None = None,
@@ -121,9 +132,11 @@ class Tokenizer:
         return "".join(text + [self.processor.decode(run)])
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Path | str, tokenizer_path: Path | str | None = None) -> Tokenizer:
+    def from_checkpoint(
+        cls, checkpoint_dir: Path | str, tokenizer_path: Path | str | None = None, special_tokens: Sequence[str] = (),
+    ) -> Tokenizer:
         """The tokenizer of a checkpoint directory, plus the special tokens a merged adapter left in
-        special_tokens.json (scripts/merge_lora.py), if any.
+        special_tokens.json (scripts/merge_lora.py), if any, else `special_tokens` (those an adapter adds).
 
         The folder's tokenizer.model (SentencePiece) wins when it has one, so that a folder keeps the
         tokenizer its data was prepared with; else its tokenizer.json (Hugging Face, `HFTokenizer`,
@@ -133,7 +146,7 @@ class Tokenizer:
         """
         checkpoint_dir = Path(checkpoint_dir)
         extra = checkpoint_dir / SPECIAL_TOKENS_NAME
-        special = json.loads(extra.read_text()) if extra.is_file() else []
+        special = json.loads(extra.read_text()) if extra.is_file() else list(special_tokens)
         if tokenizer_path is not None:
             tokenizer_path = Path(tokenizer_path)
             if tokenizer_path.suffix == ".json":
@@ -247,6 +260,7 @@ class HFTokenizer(Tokenizer):
             self.backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(f"{str(path)!r} is not a tokenizer.json the tokenizers library can read: {e}") from None
+        self.path = path
         folder = path.parent
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
@@ -337,6 +351,17 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         """Every id the tokenizer can produce: the vocabulary, its added tokens and the special tokens."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def base_vocab_size(self) -> int:
+        """The ids the checkpoint's files define (vocabulary and added tokens), before the `special_tokens` added here."""
+        return self.vocab_size - len(self.special_tokens)
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """The added tokens (<|eot_id|>, <|im_end|>, ..., and the special tokens) as text -> id: text holding one
+        encodes it as that id."""
+        return {token.content: i for i, token in self.backend.get_added_tokens_decoder().items()}
 
     def encode(
         self, text: str, bos: bool = True, eos: bool = False, max_length: int | None = None,

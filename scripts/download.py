@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from lit_llama.cli import run
 
-CONFIG_PATTERNS = ["*.json", "tokenizer.model"]
+CONFIG_PATTERNS = ["*.json", "tokenizer.model", "chat_template.jinja"]  # the chat template, where it is not in tokenizer_config.json
 
 
 def main(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lit_llama.adapter import AdapterMeta, apply_adapter, load_adapter
-from lit_llama.checkpoint import TOKENIZER_NAME, atomic_write_text, load_model
+from lit_llama.checkpoint import atomic_write_text, load_model
 from lit_llama.cli import run
 from lit_llama.data import load_records
 from lit_llama.evaluate import exact_match, perplexity
@@ -50,7 +50,7 @@ def evaluate(
         tokens = torch.from_numpy(load_tokens(token_path(tokens_dir, split), read_meta(tokens_dir)["dtype"]).astype("int64"))
         result["perplexity"] = perplexity(model, tokens, batch_size=batch_size)
     if instructions_file is not None:
-        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME, meta.special_tokens) if meta else Tokenizer.from_checkpoint(checkpoint_dir)
+        tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=meta.special_tokens if meta else ())
         records = load_records(instructions_file)
         style = prompt_style or (meta and meta.prompt_style) or "alpaca"
         result["exact_match"] = exact_match(model, tokenizer, records, style, batch_size, max_new_tokens)

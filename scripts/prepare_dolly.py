@@ -33,14 +33,14 @@ def main(
 
     Args:
         data_file: The Dolly JSONL file; default: download databricks-dolly-15k.jsonl into destination_path.
-        checkpoint_dir: The checkpoint whose tokenizer.model is used.
+        checkpoint_dir: The checkpoint whose tokenizer (tokenizer.model, else tokenizer.json) is used.
         destination_path: Where train.safetensors, test.safetensors and prepare_meta.json are written.
         test_size: How many records go to the test split (a count, or a fraction such as 0.05).
         max_seq_length: Samples longer than this many tokens are cut (and counted as truncated).
         mask_inputs: Set the labels of the prompt tokens to -100 so only the response is learned.
         seed: Seed of the shuffle before the train/test split.
-        prompt_style: The prompt template (see lit_llama/prompts.py).
-        tokenizer_path: A SentencePiece .model file; default: tokenizer.model in checkpoint_dir.
+        prompt_style: The prompt template (lit_llama/prompts.py): alpaca, plain, chatml, llama3, or chat_template (the checkpoint's own chat template: the instruction and input are the user turn, the output the assistant's, trained up to and including the turn's end token).
+        tokenizer_path: A SentencePiece .model or a Hugging Face tokenizer.json; default: the one in checkpoint_dir.
     """
     if data_file is None:
         data_file = destination_path / DATA_URL.rsplit("/", 1)[1]

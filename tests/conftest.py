@@ -1,5 +1,8 @@
 """Fixtures shared by several test modules."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,3 +15,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _need(*names):
+    for name in names:
+        if not (DATA / name).is_file():
+            pytest.skip(f"{DATA / name} not found")
+
+
+@pytest.fixture(scope="session")
+def llama3_chat_dir(tmp_path_factory):
+    """Llama 3's tokenizer.json and tokenizer_config.json (with its chat template) in a folder of their own."""
+    _need("llama3-tokenizer.json", "llama3-tokenizer_config.json")
+    folder = tmp_path_factory.mktemp("llama3_chat")
+    shutil.copyfile(DATA / "llama3-tokenizer.json", folder / "tokenizer.json")
+    shutil.copyfile(DATA / "llama3-tokenizer_config.json", folder / "tokenizer_config.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer (ChatML template), written by transformers from the GGUF file."""
+    _need("SmolLM2-135M-Instruct.Q4_1.gguf")
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("smollm2_chat")
+    auto = transformers.AutoTokenizer.from_pretrained(str(DATA), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    auto.save_pretrained(folder)
+    return folder

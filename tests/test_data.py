@@ -3,6 +3,7 @@ written out here; the prepare scripts end to end on the real 400-record Alpaca s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -417,3 +418,42 @@ def test_download_writes_the_served_bytes_and_discards_a_cut_download(tmp_path, 
     finally:
         server.shutdown()
     assert files_under(tmp_path / "cut") == []
+
+
+# ------------------------------------------------------------------ the checkpoint's own chat template
+CHAT_RECORDS = [
+    {"instruction": "Name three primary colors.", "input": "", "output": "Red, yellow and blue."},
+    {"instruction": "Translate to French.", "input": "Good morning, café 🦙", "output": " Bonjour !\n"},
+]
+
+
+@pytest.mark.parametrize("folder, end_token", [("smollm2_chat_dir", "<|im_end|>"), ("llama3_chat_dir", "<|eot_id|>")])
+def test_chat_template_data_matches_apply_chat_template(folder, end_token, request, tmp_path):
+    """The prompt is apply_chat_template(user turn, add_generation_prompt=True)'s ids; the learned
+    labels are exactly the answer and the end token, as apply_chat_template writes the whole exchange."""
+    folder = request.getfixturevalue(folder)
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = Tokenizer.from_checkpoint(folder)
+    end_id = auto.convert_tokens_to_ids(end_token)
+    for rec in CHAT_RECORDS:
+        user = {"role": "user", "content": rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")}
+        prompt = auto.apply_chat_template([user], tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = auto.apply_chat_template([user, {"role": "assistant", "content": rec["output"]}], tokenize=True,
+                                        add_generation_prompt=False, return_dict=False)
+        assert full[: len(prompt)] == prompt
+        expected = full[: full.index(end_id, len(prompt)) + 1]  # what follows the end token is not learned
+        ids, labels, truncated = tokenize_sample(tokenizer, rec, "chat_template", 512)
+        assert ids.tolist() == expected and not truncated
+        assert labels[: len(prompt)].eq(IGNORE_INDEX).all()
+        assert labels[len(prompt):].tolist() == expected[len(prompt):] and labels[-1] == end_id
+        # cut short, the end token is the first thing lost
+        ids, labels, truncated = tokenize_sample(tokenizer, rec, "chat_template", len(expected) - 1)
+        assert truncated and end_id not in labels.tolist()
+
+    summary = prepare_instruction_data(CHAT_RECORDS * 2, tmp_path / "data", folder, test_size=1, prompt_style="chat_template")
+    assert summary["prompt_style"] == "chat_template" and summary["tokenizer_path"] == str(folder / "tokenizer.json")
+    assert summary["tokenizer_sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    assert summary["chat_template_sha256"] == hashlib.sha256(auto.chat_template.encode()).hexdigest()
+    train, _ = load_splits(tmp_path / "data")
+    assert train.metadata["prompt_style"] == "chat_template" and train.metadata["tokenizer_vocab_size"] == len(auto)

@@ -23,7 +23,7 @@ from lit_llama.decode_speedups import (
     matvec_as_reduction,
     pack_linear_weights,
 )
-from lit_llama.generation import generate, logits_to_probs
+from lit_llama.generation import generate, generate_tokens, logits_to_probs, stream
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 
 transformers = pytest.importorskip("transformers")
@@ -108,11 +108,38 @@ def test_eos_stops_only_its_row(pair):
     # EOS := the 4th token of row 0's greedy continuation, chosen so that it has not appeared before.
     stop = next(i for i in range(3, 12) if expected[0][i] not in expected[0][:i])
     eos_id = expected[0][stop]
-    outs = generate(model, batch, 12, temperature=0, eos_id=eos_id)
+    outs = generate(model, batch, 12, temperature=0, stop_ids=eos_id)
     for prompt, out, exp in zip(batch, outs, expected):
         cut = exp.index(eos_id) if eos_id in exp else len(exp)
         assert out[len(prompt):].tolist() == exp[:cut]  # stops before EOS, others run on
     assert len(outs[0]) == len(batch[0]) + stop
+
+
+def test_any_of_several_stop_ids_stops_as_hf_generate_with_an_eos_list(pair):
+    """generate(stop_ids=[a, b]) against HF generate(eos_token_id=[a, b]), which keeps the stop token
+    (ours leaves it out); a is new in row 0's continuation, b in row 1's, so each row stops on its own."""
+    hf, model = pair
+    batch = prompts(6, 10, seed=7)
+    free = [hf_greedy(hf, p, 16).tolist() for p in batch]
+    first_new = lambda seq, start: next(i for i in range(start, len(seq)) if seq[i] not in seq[:i])
+    a_at = first_new(free[0], 3)
+    a = free[0][a_at]
+    b_at = next(i for i in range(2, 16) if free[1][i] not in free[1][:i] and free[1][i] != a)
+    b = free[1][b_at]
+    outs = generate(model, batch, 16, temperature=0, stop_ids=[a, b])
+    for prompt, out in zip(batch, outs):
+        ids = prompt[None]
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                          eos_token_id=[a, b], pad_token_id=0)[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(ref) if t in (a, b)), len(ref))
+        assert out[len(prompt):].tolist() == ref[:cut]
+        assert cut < 16  # each row did stop
+    # the loop ends once every row has stopped, and stream() yields the same ids one by one
+    steps = list(generate_tokens(model, batch, 16, temperature=0, stop_ids=(a, b)))
+    assert len(steps) == max(len(o) - len(p) for o, p in zip(outs, batch)) + 1 < 16
+    streamed = list(stream(model, batch[1], 16, temperature=0, stop_ids=(a, b)))
+    assert streamed == outs[1][len(batch[1]):].tolist()
+    assert generate(model, [batch[0]], 16, temperature=0, stop_ids=[])[0][len(batch[0]):].tolist() == free[0]
 
 
 needs_onednn = pytest.mark.skipif(not can_pack_linear(torch.ones(1)), reason="this torch build has no oneDNN")
