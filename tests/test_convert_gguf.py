@@ -154,7 +154,7 @@ def test_smol_greedy_generation_matches_transformers(smol_dir, hf_smol):
     tokenizer = Tokenizer.from_checkpoint(smol_dir)
     ids = tokenizer.encode(chatml("Write a short story about a llama who learns to code."), bos=True)
     # 64 tokens from both, EOS not stopping either (the same continuation, token for token).
-    (mine,) = generate(ours, [ids], max_new_tokens=64, temperature=0.0, eos_id=None)
+    (mine,) = generate(ours, [ids], max_new_tokens=64, temperature=0.0, stop_ids=None)
     theirs = hf_smol.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False, max_new_tokens=64,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=tokenizer.pad_id)[0]
     assert len(mine) == len(theirs) == len(ids) + 64
@@ -162,7 +162,7 @@ def test_smol_greedy_generation_matches_transformers(smol_dir, hf_smol):
     assert mine.tolist() == theirs.tolist(), (tokenizer.decode(mine[len(ids):]), tokenizer.decode(theirs[len(ids):]))
     # The documented answer, from the first prompt.
     question = tokenizer.encode(PROMPTS[0], bos=True)
-    (answer,) = generate(ours, [question], max_new_tokens=16, temperature=0.0, eos_id=tokenizer.eos_id)
+    (answer,) = generate(ours, [question], max_new_tokens=16, temperature=0.0, stop_ids=tokenizer.stop_ids)
     assert tokenizer.decode(answer[len(question):]) == "The capital of France is Paris."
 
 

@@ -164,7 +164,7 @@ def test_exported_checkpoint_generates_in_transformers_as_here(tmp_path):
     ours = Tokenizer.from_checkpoint(tmp_path / "lit")
     prompt = "Once upon a time, in a land far away,"
     idx = ours.encode(prompt, bos=True)
-    expected = generate(model, idx, max_new_tokens=64, temperature=0, eos_id=ours.eos_id, pad_id=ours.pad_id)[0]
+    expected = generate(model, idx, max_new_tokens=64, temperature=0, stop_ids=ours.eos_id, pad_id=ours.pad_id)[0]
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
