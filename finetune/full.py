@@ -1,6 +1,6 @@
 """Full finetuning: every weight trains; the result is a complete checkpoint directory.
 
-    python finetune/full.py --data_dir data/alpaca --checkpoint_dir checkpoints/stories260K --out_dir out/full/alpaca
+    python finetune/full.py --data_dir data/alpaca --checkpoint_dir checkpoints/lit/stories260K --out_dir out/full/alpaca
 
 Needs optimizer state for every parameter (about 4x the model's size in fp32 with AdamW), so it
 suits small models; use finetune/lora.py for large ones. An interrupted run continues with
@@ -38,7 +38,7 @@ from lit_llama.training import TrainConfig, fit
 
 def main(
     data_dir: Path = Path("data/alpaca"),
-    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     out_dir: Path = Path("out/full/alpaca"),
     precision: Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "32-true",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",

@@ -1,6 +1,6 @@
 """LoRA instruction finetuning with Lightning Fabric.
 
-    python finetune/lora.py --data_dir data/alpaca --checkpoint_dir checkpoints/open_llama_7b --out_dir out/lora/alpaca
+    python finetune/lora.py --data_dir data/alpaca --checkpoint_dir checkpoints/lit/open_llama_7b --out_dir out/lora/alpaca
 
 Only the LoRA matrices train; the base weights stay frozen. The adapter is saved on its own
 (`lit_model.lora.safetensors`, a few MB), with everything generate/lora.py and merge_lora.py need.
@@ -50,7 +50,7 @@ SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and e
 
 def main(
     data_dir: Path = Path("data/alpaca"),
-    checkpoint_dir: Path = Path("checkpoints/open_llama_7b"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     out_dir: Path = Path("out/lora/alpaca"),
     precision: Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"] = "bf16-mixed",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",

@@ -1,6 +1,6 @@
 """Generate text with a converted checkpoint.
 
-    python generate/base.py --checkpoint_dir checkpoints/stories260K --prompt "Once upon a time"
+    python generate/base.py --checkpoint_dir checkpoints/lit/stories260K --prompt "Once upon a time"
 
 Raw text (a base model, or --prompt_style none): the prompt + continuation goes to stdout. With a
 prompt style (by default the checkpoint's own chat template when its tokenizer has one) the prompt
@@ -22,12 +22,12 @@ from lit_llama.cli import run
 from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import generate
 from lit_llama.prompts import TEMPLATE_STYLE_NAME, PromptStyleName, describe_style, get_prompt_style
-from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
 
 
 def main(
-    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     prompt: str = "Once upon a time",
     max_new_tokens: int = 100,
     temperature: float = 0.8,
@@ -107,7 +107,7 @@ def main(
         print(text)
     n_new = sum(len(out) - len(encoded) for out in outputs)
     print(
-        f"Generated {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
+        f"Generated {count(n_new, 'token')} in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
         f"peak memory {peak_memory_mib(device):.0f} MiB",
         file=sys.stderr,
     )

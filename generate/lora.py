@@ -1,6 +1,6 @@
 """Answer an instruction with a base model plus a LoRA adapter.
 
-    python generate/lora.py --checkpoint_dir checkpoints/open_llama_7b \
+    python generate/lora.py --checkpoint_dir checkpoints/lit/open_llama_7b \
         --lora_path out/lora/alpaca/lit_model.lora.safetensors --prompt "Name three primary colors."
 
 The adapter file says which prompt template and LoRA settings it was trained with, so they are not
@@ -24,12 +24,12 @@ from lit_llama.generation import generate
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
-from lit_llama.runtime import PRECISIONS, peak_memory_mib, resolve_device
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, resolve_device
 from lit_llama.tokenizer import Tokenizer
 
 
 def main(
-    checkpoint_dir: Path = Path("checkpoints/open_llama_7b"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     lora_path: Path | list[Path] = Path("out/lora/alpaca/lit_model.lora.safetensors"),
     prompt: str = "What food do llamas eat?",
     input: str = "",
@@ -93,7 +93,7 @@ def main(
     response = tokenizer.decode(out[len(encoded):]).strip()
     print(response)
     n_new = len(out) - len(encoded)
-    print(f"Generated {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
+    print(f"Generated {count(n_new, 'token')} in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
           f"peak memory {peak_memory_mib(device):.0f} MiB", file=sys.stderr)
     return response
 
@@ -126,7 +126,7 @@ def generate_many(
     for path, response in zip(paths, responses):
         print(f"### {path}\n{response}")
     n_new = sum(len(out) - len(enc) for enc, out in zip(encoded, outs))
-    print(f"Generated {n_new} tokens for {len(paths)} adapters in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
+    print(f"Generated {count(n_new, 'token')} for {len(paths)} adapters in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s; "
           f"peak memory {peak_memory_mib(device):.0f} MiB", file=sys.stderr)
     return responses
 

@@ -348,7 +348,7 @@ def prepare_instruction_data(
     checkpoint_dir: Path | str,
     tokenizer_path: Path | str | None = None,
     source: str = "",
-    test_size: int | float = 2000,
+    test_size: int | float = 0.05,
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,

@@ -21,3 +21,8 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def count(n: int, noun: str) -> str:
+    """`n` and the noun in the number it takes: "1 token", "12 tokens"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

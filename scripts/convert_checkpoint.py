@@ -1,6 +1,6 @@
 """Convert Meta's original LLaMA checkpoint (params.json + consolidated.XX.pth shards) to ours.
 
-    python scripts/convert_checkpoint.py --checkpoint_dir checkpoints/meta/7B --output_dir checkpoints/7B
+    python scripts/convert_checkpoint.py --checkpoint_dir checkpoints/meta/7B --output_dir checkpoints/lit/7B
 
 Writes lit_model.safetensors, lit_config.json and tokenizer.model into --output_dir. The shards are
 memory-mapped and each of our tensors is assembled from them and written on its own, so memory use
@@ -74,7 +74,7 @@ def find_tokenizer(checkpoint_dir: Path, tokenizer_path: Path | None) -> Path | 
 
 def main(
     checkpoint_dir: Path = Path("checkpoints/meta/7B"),
-    output_dir: Path = Path("checkpoints/7B"),
+    output_dir: Path = Path("checkpoints/lit/7B"),
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     tokenizer_path: Path | None = None,
     block_size: int = 4096,

@@ -1,7 +1,7 @@
 """Convert a Hugging Face LlamaForCausalLM folder into a lit_llama checkpoint directory.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
-        --output_dir checkpoints/lit/TinyLlama-1.1B-Chat
+        --output_dir checkpoints/lit/TinyLlama-1.1B-Chat-v1.0
 
 Reads config.json and the weights (*.safetensors or pytorch_model*.bin, sharded or not) one shard
 at a time, and writes lit_config.json, lit_model.safetensors and a copy of the tokenizer files

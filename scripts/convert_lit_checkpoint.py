@@ -44,8 +44,8 @@ def lazy_reader(weights_path: Path):
 
 
 def main(
-    checkpoint_dir: Path = Path("checkpoints/stories260K"),
-    output_dir: Path = Path("out/hf/stories260K"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
+    output_dir: Path = Path("out/hf/SmolLM2-135M-Instruct"),
 ) -> Path:
     """Convert a lit_llama checkpoint to a Hugging Face LlamaForCausalLM folder, with tokenizer files that
     transformers.AutoTokenizer loads and that encode as ours (tokenizer.json built from tokenizer.model,

@@ -1,7 +1,7 @@
 """Convert a llama2.c checkpoint (train.py's .pt, or the legacy .bin that run.c reads) to ours.
 
     python scripts/convert_llama2c_checkpoint.py --checkpoint_path stories260K.bin \\
-        --tokenizer_path tok512.model --output_dir checkpoints/stories260K
+        --tokenizer_path tok512.model --output_dir checkpoints/lit/stories260K
 
 Writes lit_model.safetensors, lit_config.json and (with --tokenizer_path) tokenizer.model. llama2.c
 models are small (15M-110M parameters), so the state dict is built in memory in one go.
@@ -22,7 +22,7 @@ from lit_llama.convert_llama2c import load_llama2c
 
 def main(
     checkpoint_path: Path = Path("stories260K.bin"),
-    output_dir: Path = Path("checkpoints/stories260K"),
+    output_dir: Path = Path("checkpoints/lit/stories260K"),
     tokenizer_path: Path | None = None,
 ) -> Path:
     """Convert a llama2.c checkpoint into a lit_llama checkpoint folder.

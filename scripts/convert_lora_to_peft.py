@@ -1,6 +1,6 @@
 """Convert a lit_llama LoRA adapter into a PEFT adapter for the Hugging Face export of its base.
 
-    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/stories260K --output_dir out/hf/stories260K
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/lit/stories260K --output_dir out/hf/stories260K
     python scripts/convert_lora_to_peft.py --lora_path out/lora/alpaca/lit_model.lora.safetensors --output_dir out/peft/alpaca
 
 The output folder (adapter_config.json, adapter_model.safetensors) loads with

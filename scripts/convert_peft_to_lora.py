@@ -1,6 +1,6 @@
 """Convert a PEFT LoRA adapter of a Hugging Face LLaMA into a lit_llama adapter.
 
-    python scripts/convert_peft_to_lora.py --peft_dir out/peft/alpaca --checkpoint_dir checkpoints/stories260K \
+    python scripts/convert_peft_to_lora.py --peft_dir out/peft/alpaca --checkpoint_dir checkpoints/lit/stories260K \
         --output_path out/lora/from_peft.lora.safetensors
 
 The base checkpoint is the lit_llama conversion of the HF model the adapter was trained on; its
@@ -42,7 +42,7 @@ def read_peft_dir(peft_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict[s
 
 def main(
     peft_dir: Path = Path("out/peft/alpaca"),
-    checkpoint_dir: Path = Path("checkpoints/stories260K"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     output_path: Path = Path("out/lora/from_peft.lora.safetensors"),
     prompt_style: str | None = None,
 ) -> Path:

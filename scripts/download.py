@@ -68,7 +68,7 @@ def main(
         ) from None
     print(
         f"Downloaded {repo_id} to {path}; convert it with:\n"
-        f"  python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir} --output_dir checkpoints/lit/{repo_id}",
+        f"  python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir} --output_dir checkpoints/lit/{repo_id.split('/')[1]}",
         file=sys.stderr,
     )
     return Path(path)

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model and write a standalone checkpoint directory.
 
-    python scripts/merge_lora.py --checkpoint_dir checkpoints/open_llama_7b \
-        --lora_path out/lora/alpaca/lit_model.lora.safetensors --output_dir checkpoints/open_llama_7b-alpaca
+    python scripts/merge_lora.py --checkpoint_dir checkpoints/lit/open_llama_7b \
+        --lora_path out/lora/alpaca/lit_model.lora.safetensors --output_dir checkpoints/lit/open_llama_7b-alpaca
 
 The result loads with generate/base.py and converts with scripts/convert_lit_checkpoint.py like any
 other checkpoint. The base is memory-mapped and merged in fp32 one layer at a time, then cast back
@@ -26,9 +26,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main(
-    checkpoint_dir: Path = Path("checkpoints/open_llama_7b"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     lora_path: Path = Path("out/lora/alpaca/lit_model.lora.safetensors"),
-    output_dir: Path = Path("checkpoints/open_llama_7b-lora-merged"),
+    output_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct-lora-merged"),
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = "keep",
 ) -> Path:
     """Merge LoRA weights into the base weights.

@@ -1,7 +1,7 @@
 """Prepare the Alpaca instruction data set for finetuning.
 
     python scripts/prepare_alpaca.py --data_file alpaca_data_cleaned.json \
-        --checkpoint_dir checkpoints/lit-llama/7B --destination_path data/alpaca
+        --checkpoint_dir checkpoints/lit/7B --destination_path data/alpaca
 
 Writes data/alpaca/{train,test}.safetensors and prepare_meta.json; see howto/prepare_data.md.
 """
@@ -19,9 +19,9 @@ DATA_URL = "https://raw.githubusercontent.com/gururise/AlpacaDataCleaned/main/al
 
 def main(
     data_file: Path | None = None,
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     destination_path: Path = Path("data/alpaca"),
-    test_size: int | float = 2000,
+    test_size: int | float = 0.05,
     max_seq_length: int = 256,
     mask_inputs: bool = True,
     seed: int = 42,

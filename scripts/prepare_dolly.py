@@ -1,7 +1,7 @@
 """Prepare Databricks' Dolly 15k instruction data set for finetuning.
 
     python scripts/prepare_dolly.py --data_file databricks-dolly-15k.jsonl \
-        --checkpoint_dir checkpoints/lit-llama/7B --destination_path data/dolly
+        --checkpoint_dir checkpoints/lit/7B --destination_path data/dolly
 
 Dolly's records (instruction, context, response) become instruction, input, output; the rest is the
 same as scripts/prepare_alpaca.py. See howto/prepare_data.md.
@@ -20,9 +20,9 @@ DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/reso
 
 def main(
     data_file: Path | None = None,
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     destination_path: Path = Path("data/dolly"),
-    test_size: int | float = 1000,
+    test_size: int | float = 0.05,
     max_seq_length: int = 512,
     mask_inputs: bool = True,
     seed: int = 42,

@@ -1,7 +1,7 @@
 """Prepare any instruction data set in JSON or JSONL for finetuning.
 
     python scripts/prepare_json.py --data_file my_data.jsonl \
-        --checkpoint_dir checkpoints/lit-llama/7B --destination_path data/my_data
+        --checkpoint_dir checkpoints/lit/7B --destination_path data/my_data
 
 Records need "instruction" and "output" strings; "input" is optional. See howto/prepare_data.md.
 """
@@ -17,7 +17,7 @@ from lit_llama.prompts import PromptStyleName
 
 def main(
     data_file: Path | None = None,
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B"),
+    checkpoint_dir: Path = Path("checkpoints/lit/SmolLM2-135M-Instruct"),
     destination_path: Path = Path("data/json"),
     test_size: int | float = 0.05,
     max_seq_length: int = 256,

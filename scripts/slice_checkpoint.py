@@ -1,6 +1,6 @@
 """Slice one of our checkpoints into Meta's model-parallel format (N consolidated.XX.pth + params.json).
 
-    python scripts/slice_checkpoint.py --checkpoint_dir checkpoints/7B --output_dir checkpoints/meta/7B-mp2 --shards 2
+    python scripts/slice_checkpoint.py --checkpoint_dir checkpoints/lit/7B --output_dir checkpoints/meta/7B-mp2 --shards 2
 
 The result loads with Meta's reference code on N GPUs (torchrun --nproc_per_node N) and converts back
 with scripts/convert_checkpoint.py. Only one shard is held in memory at a time: each is built from
@@ -69,7 +69,7 @@ def slice_reader(weights_path: Path) -> SliceReader:
 
 
 def main(
-    checkpoint_dir: Path = Path("checkpoints/7B"),
+    checkpoint_dir: Path = Path("checkpoints/lit/7B"),
     output_dir: Path = Path("checkpoints/meta/7B-mp2"),
     shards: int = 2,
 ) -> Path:

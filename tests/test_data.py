@@ -108,6 +108,16 @@ def test_tokenize_sample_matches_sentencepiece_and_hand_filled_alpaca_template()
 
 
 # ------------------------------------------------------------------------------------ end to end
+def test_prepare_alpaca_defaults_work_on_the_repos_own_sample(tmp_path):
+    """The default --test_size is a fraction: 5% of the 400-record sample (a count of 2000 failed on it)."""
+    needs(ALPACA, LLAMA_TOKENIZER)
+    (result,) = run_scripts(["scripts/prepare_alpaca.py", "--data_file", str(ALPACA), "--tokenizer_path",
+                             str(LLAMA_TOKENIZER), "--destination_path", str(tmp_path / "alpaca")])
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "alpaca" / "prepare_meta.json").read_text())
+    assert meta["splits"]["test"]["num_samples"] == 20 and meta["splits"]["train"]["num_samples"] == 380
+
+
 def test_prepare_alpaca_end_to_end_on_real_sample(tmp_path):
     needs(ALPACA, LLAMA_TOKENIZER)
     from sentencepiece import SentencePieceProcessor

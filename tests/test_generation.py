@@ -258,6 +258,8 @@ def test_generate_script_prints_text_and_tokens_per_second(tok512_checkpoint):
     assert "tokens/s" in proc.stderr and "Traceback" not in proc.stderr
     if can_pack_linear(torch.ones(1)):
         assert "Packed 11 linear layers for oneDNN" in proc.stderr  # 5 per layer x 2 layers + the head
+    one = run_generate("--checkpoint_dir", str(tok512_checkpoint), "--prompt", "Once", "--max_new_tokens", "1")
+    assert one.returncode == 0 and "Generated 1 token in" in one.stderr, one.stderr
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
