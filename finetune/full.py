@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from lit_llama.checkpoint import TOKENIZER_NAME, load_config, load_into, load_model, save_checkpoint
+from lit_llama.checkpoint import load_config, load_into, load_model, save_checkpoint
 from lit_llama.cli import run
 from lit_llama.data import dataset_special_tokens, instruction_dataloaders
 from lit_llama.distributed import (
@@ -31,7 +31,7 @@ from lit_llama.distributed import (
 )
 from lit_llama.generation import instruction_sampler
 from lit_llama.model import LLaMA
-from lit_llama.run_dir import check_out_dir, write_hparams
+from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
 
@@ -49,6 +49,7 @@ def main(
     train: TrainConfig = TrainConfig(learning_rate=3e-5, batch_size=64, epochs=3),
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason.",
     resume: Literal["auto"] | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Finetune all weights of a model on a prepared instruction dataset.
 
@@ -65,6 +66,7 @@ def main(
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
         sample_instruction: The instruction answered after each validation to show progress.
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
+        overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
@@ -72,7 +74,8 @@ def main(
     check_strategy(strategy, accelerator, resume)
     check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed, strategy, activation_checkpointing, train.grad_clip)
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_NAME)
+    run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir)  # tokenizer.model or tokenizer.json, as the checkpoint has
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")
     if dataset_special_tokens(data_meta):

@@ -41,7 +41,7 @@ from lit_llama.lora import (
     mark_only_lora_as_trainable,
 )
 from lit_llama.model import LLaMAConfig
-from lit_llama.run_dir import check_out_dir, write_hparams
+from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
 
@@ -64,6 +64,7 @@ def main(
     sample_instruction: str = SAMPLE_INSTRUCTION,
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
     resume: Literal["auto"] | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Finetune LoRA adapters on a prepared instruction dataset.
 
@@ -87,6 +88,7 @@ def main(
         sample_instruction: The instruction answered after each validation to show progress.
         adapter_format: File format of the adapter.
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
+        overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
     """
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
@@ -94,6 +96,7 @@ def main(
     check_strategy(strategy, accelerator, resume)
     check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed, strategy, activation_checkpointing, train.grad_clip)
+    run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
     tokenizer = Tokenizer.from_checkpoint(checkpoint_dir)  # tokenizer.model or tokenizer.json
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
     prompt_style = data_meta.get("prompt_style", "alpaca")

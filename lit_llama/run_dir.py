@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
@@ -64,13 +66,65 @@ class MetricsLog:
             self.file.close()
 
 
-def write_hparams(out_dir: Path, hparams: dict[str, Any]) -> None:
-    def plain(v: Any) -> Any:
-        if is_dataclass(v):
-            return {k: plain(x) for k, x in asdict(v).items()}
-        return str(v) if isinstance(v, Path) else v
+def _plain(v: Any) -> Any:
+    if is_dataclass(v):
+        return {k: _plain(x) for k, x in asdict(v).items()}
+    return str(v) if isinstance(v, Path) else v
 
-    atomic_write_text(out_dir / "hparams.json", json.dumps({k: plain(v) for k, v in hparams.items()}, indent=2) + "\n")
+
+def write_hparams(out_dir: Path, hparams: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / HPARAMS_NAME, json.dumps({k: _plain(v) for k, v in hparams.items()}, indent=2) + "\n")
+
+
+HPARAMS_NAME = "hparams.json"
+LOCK_NAME = ".run.lock"
+# Flags a resumed run may change: how long it trains and how often it reports or saves. Any other
+# change would continue one run's training state under another run's settings.
+RESUMABLE_CHANGES = {"resume", "overwrite", "train.max_iters", "train.epochs", "train.eval_interval", "train.eval_iters",
+                     "train.save_interval", "train.log_interval", "train.keep_last", "sample_instruction", "sample_prompt"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def claim_out_dir(out_dir: Path, hparams: dict[str, Any], resume: Any, overwrite: bool) -> Any:
+    """Make `out_dir` this run's: a lock held while the process lives (a second run into it gets a
+    one-line error), a refusal to start fresh over an earlier run unless `overwrite` (which removes
+    that run's training states and metrics, nothing else), and, when resuming, a check that the
+    earlier run had the same settings but for RESUMABLE_CHANGES. Returns the lock; keep it referenced."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / LOCK_NAME, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"another run is writing to --out_dir {str(out_dir)!r}; wait for it to finish or pass another "
+                         "--out_dir") from None
+    earlier = out_dir / HPARAMS_NAME
+    states = out_dir / "train_state"
+    used = earlier.is_file() or (states.is_dir() and any(states.iterdir()))
+    if used and resume is None:
+        if not overwrite:
+            lock.close()
+            raise ValueError(f"--out_dir {str(out_dir)!r} holds an earlier run; continue it with --resume auto, replace it "
+                             "with --overwrite true, or pass a new --out_dir")
+        if states.is_dir() and not states.is_symlink():
+            shutil.rmtree(states)
+        (out_dir / "metrics.csv").unlink(missing_ok=True)
+    elif used and resume == "auto" and earlier.is_file():
+        then = _flat(json.loads(earlier.read_text()))
+        now = _flat({k: _plain(v) for k, v in hparams.items()})
+        changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            lock.close()
+            was = ", ".join(f"{k}={then.get(k)}" for k in changed[:4])
+            raise ValueError(f"cannot resume {str(out_dir)!r}: {', '.join(changed[:4])} changed since it was saved ({was}); "
+                             "resume with the same flags, or start a new --out_dir")
+    return lock
 
 
 def check_out_dir(out_dir: Path) -> None:

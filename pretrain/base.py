@@ -27,7 +27,7 @@ from lit_llama.distributed import setup_fabric, setup_model_and_optimizer
 from lit_llama.generation import greedy_sampler
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.pretrain_data import PretrainDataset, read_meta
-from lit_llama.run_dir import check_out_dir, write_hparams
+from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
 from lit_llama.samplers import resumable_dataloader
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
@@ -65,6 +65,7 @@ def main(
     train: TrainConfig = DEFAULT_TRAIN,
     sample_prompt: str = "",
     resume: Literal["auto"] | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a model from scratch on train.bin / val.bin and save a checkpoint directory.
 
@@ -88,6 +89,7 @@ def main(
         train: Optimisation settings: --train.learning_rate, --train.batch_size, --train.max_iters, ...
         sample_prompt: Text greedily continued after each validation to show progress ("" = from BOS alone).
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
+        overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
     """
     hparams = {**locals(), "train": asdict(train)}
     train.validate(devices)
@@ -106,6 +108,7 @@ def main(
 
     check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed)
+    run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
     # Each rank draws its own random offsets; the sampler only orders (and shards) the block indices.
     train_set = PretrainDataset.from_dir(data_dir, "train", config.block_size, sampling, seed=seed + fabric.global_rank)
     val_set = PretrainDataset.from_dir(data_dir, "val", config.block_size, "strided")

@@ -88,7 +88,7 @@ def from_scratch_demo(
     step("3/6 pretrain a tiny LLaMA from scratch", base_dir / "final" / "lit_config.json",
          lambda: pretrain.main(
              data_dir=text, model_name="tiny", block_size=256, n_layer=4, n_embd=128, n_head=4, out_dir=base_dir,
-             accelerator="cpu", seed=seed,
+             accelerator="cpu", seed=seed, resume="auto",
              train=TrainConfig(learning_rate=5e-3, min_lr=5e-4, batch_size=8, micro_batch_size=8,
                                max_iters=pretrain_iters, warmup_steps=30, weight_decay=0.1,
                                eval_interval=max(1, pretrain_iters // 10), eval_iters=5, save_interval=10**9, log_interval=10),
@@ -100,7 +100,7 @@ def from_scratch_demo(
                                    prompt_style=PROMPT_STYLE), timings)
     step("5/6 LoRA-finetune the base on the instructions", lora_dir / "lit_model.lora.safetensors",
          lambda: finetune.main(
-             data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision="32-true", accelerator="cpu", seed=seed,
+             data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision="32-true", accelerator="cpu", seed=seed, resume="auto",
              train=TrainConfig(learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32, max_iters=finetune_iters,
                                warmup_steps=10, eval_interval=max(1, finetune_iters // 5), eval_iters=4, save_interval=10**9,
                                log_interval=10),
@@ -207,7 +207,7 @@ def smollm2_quickstart(out_dir: Path, gguf_path: Path | None, finetune_iters: in
     precision = "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
     step(f"4/5 LoRA-finetune SmolLM2 on them ({finetune_iters} steps of 16, {precision})", adapter,
          lambda: finetune.main(
-             data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision=precision, accelerator="cpu", seed=seed,
+             data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision=precision, accelerator="cpu", seed=seed, resume="auto",
              train=TrainConfig(learning_rate=2e-3, min_lr=2e-4, batch_size=16, micro_batch_size=16, max_iters=finetune_iters,
                                warmup_steps=min(5, finetune_iters), eval_interval=max(1, finetune_iters // 2), eval_iters=2,
                                save_interval=10**9, log_interval=10),

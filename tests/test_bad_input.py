@@ -208,6 +208,15 @@ c.write_safetensors_streaming = write
 CTRL_C = DISK_FULL.replace('raise OSError(errno.ENOSPC, "No space left on device", str(path))', "raise KeyboardInterrupt")
 
 
+# Another process's run holding out_dir's lock (kept referenced for the life of this process).
+HOLD_LOCK = """
+import builtins, fcntl, sys
+out = sys.argv[sys.argv.index("--out_dir") + 1]
+builtins._held_lock = open(out + "/.run.lock", "a")
+fcntl.flock(builtins._held_lock, fcntl.LOCK_EX)
+"""
+
+
 @dataclass
 class Case:
     argv: Callable[[SimpleNamespace, Path], list[str]]  # (env, a fresh output folder) -> script and flags
@@ -286,6 +295,13 @@ CASES: dict[str, Case] = {
     "Ctrl-C during a save": Case(lambda e, o: finetune(e, o), "interrupted", prelude=CTRL_C, rc=130),
     "--resume from a folder without state": Case(lambda e, o: finetune(e, o, "--resume", str(e.tmp / "data")),
                                                   "holds no training state"),
+    "a fresh run into an out_dir that holds an earlier run": Case(lambda e, o: finetune(e, e.run), "holds an earlier run"),
+    "--resume auto with another learning rate": Case(
+        lambda e, o: finetune(e, e.run, "--resume", "auto", "--train.learning_rate", "1e-2"),
+        "train.learning_rate changed since it was saved"),
+    "a second run into an out_dir another run is writing to": Case(
+        lambda e, o: finetune(e, e.run, "--resume", "auto"), "another run is writing",
+        prelude=HOLD_LOCK),
     "--resume with another micro_batch_size": Case(
         lambda e, o: finetune(e, e.run, "--resume", "auto", "--train.micro_batch_size", "1"), "changed since it was saved"),
     "full finetune: data_dir not prepared": Case(

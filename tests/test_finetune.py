@@ -188,3 +188,22 @@ def test_finetune_without_prepared_data_says_what_to_run(workdir, tmp_path):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "prepare_alpaca.py" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_owns_its_out_dir_and_overwrite_starts_it_afresh(workdir, tmp_path):
+    """A second fresh run into a used out_dir is refused (it would prune the first run's states and
+    resume would mix the two); --overwrite true replaces the earlier run's states and metrics."""
+    out = tmp_path / "run"
+    args = ["--train.max_iters", "2", "--train.batch_size", "2", "--train.micro_batch_size", "2", "--train.eval_iters", "1",
+            "--train.save_interval", "1", "--train.warmup_steps", "1", "--precision", "32-true", "--accelerator", "cpu"]
+    first = run("finetune/lora.py", "--data_dir", workdir / "data", "--checkpoint_dir", workdir / "base", "--out_dir", out, *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (out / "notes.txt").write_text("mine")
+    again = subprocess.run([sys.executable, "finetune/lora.py", "--data_dir", str(workdir / "data"), "--checkpoint_dir",
+                            str(workdir / "base"), "--out_dir", str(out), *args], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "holds an earlier run" in again.stderr and "Traceback" not in again.stderr
+    fresh = run("finetune/lora.py", "--data_dir", workdir / "data", "--checkpoint_dir", workdir / "base", "--out_dir", out,
+                *args, "--train.learning_rate", "1e-3", "--overwrite", "true")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads((out / "hparams.json").read_text())["train"]["learning_rate"] == 1e-3
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files were replaced
