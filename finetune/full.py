@@ -19,7 +19,7 @@ import torch
 
 from lit_llama.checkpoint import load_config, load_into, load_model, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.data import dataset_special_tokens, instruction_dataloaders
+from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders
 from lit_llama.distributed import (
     Strategy,
     build_sharded,
@@ -77,6 +77,7 @@ def main(
     run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
     tokenizer = Tokenizer.from_checkpoint(checkpoint_dir)  # tokenizer.model or tokenizer.json, as the checkpoint has
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
+    check_data_tokenizer(data_meta, tokenizer, data_dir)
     prompt_style = data_meta.get("prompt_style", "alpaca")
     if dataset_special_tokens(data_meta):
         raise ValueError(f"{data_dir} was prepared with special tokens, which need a grown vocabulary: finetune it with "

@@ -20,7 +20,7 @@ import torch
 from lit_llama.adapter import adapter_metadata, save_adapter, write_adapter
 from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
-from lit_llama.data import dataset_special_tokens, instruction_dataloaders
+from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders
 from lit_llama.distributed import (
     Strategy,
     build_sharded,
@@ -99,6 +99,7 @@ def main(
     run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
     tokenizer = Tokenizer.from_checkpoint(checkpoint_dir)  # tokenizer.model or tokenizer.json
     train_loader, val_loader, data_meta = instruction_dataloaders(fabric, data_dir, train.micro_batch_size, tokenizer.pad_id, seed)
+    check_data_tokenizer(data_meta, tokenizer, data_dir)
     prompt_style = data_meta.get("prompt_style", "alpaca")
     special_tokens = dataset_special_tokens(data_meta)
     if special_tokens:

@@ -337,6 +337,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def check_data_tokenizer(metadata: dict[str, Any], tokenizer: Tokenizer, data_dir: Path | str) -> None:
+    """A one-line error when the data was tokenized with another tokenizer than the model's: its ids
+    would mean other words, or index rows the model does not have (an IndexError mid-training)."""
+    recorded = metadata.get("tokenizer_sha256")
+    if recorded and recorded != _sha256(Path(tokenizer.path)):
+        raise ValueError(
+            f"{str(data_dir)!r} was tokenized with another tokenizer ({metadata.get('tokenizer_vocab_size')} tokens, sha256 "
+            f"{recorded[:12]}) than this checkpoint's {Path(tokenizer.path).name} ({tokenizer.vocab_size} tokens); prepare "
+            "the data again with this --checkpoint_dir"
+        )
+
+
 def dataset_special_tokens(metadata: dict[str, Any]) -> tuple[str, ...]:
     """The special tokens a prepared dataset's records were tokenized with (none: ())."""
     return tuple(json.loads(metadata.get("special_tokens") or "[]"))

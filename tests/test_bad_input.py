@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = DATA / "alpaca_data_first400.json"
 TOKENIZER = DATA / "tok512.model"
+OTHER_TOKENIZER = DATA / "llama-tokenizer.model"
 pytestmark = pytest.mark.skipif(
-    not (ALPACA.is_file() and TOKENIZER.is_file()), reason="needs ../shared/data (Alpaca sample, tok512.model)"
+    not (ALPACA.is_file() and TOKENIZER.is_file() and OTHER_TOKENIZER.is_file()),
+    reason="needs ../shared/data (Alpaca sample, tok512.model, llama-tokenizer.model)",
 )
 
 ZYGOTE = r"""
@@ -118,6 +120,9 @@ def env(tmp_path_factory, zygote):
     shutil.copytree(e.base, e.base_other_config)
     cfg = json.loads((e.base / "lit_config.json").read_text())
     (e.base_other_config / "lit_config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    e.base_other_tokenizer = t / "base_other_tokenizer"  # the same model with another tokenizer than the data's
+    shutil.copytree(e.base, e.base_other_tokenizer)
+    shutil.copyfile(OTHER_TOKENIZER, e.base_other_tokenizer / "tokenizer.model")
     e.base_truncated = t / "base_truncated"
     shutil.copytree(e.base, e.base_truncated)
     cut(e.base_truncated / "lit_model.safetensors")
@@ -260,6 +265,11 @@ CASES: dict[str, Case] = {
     "samples longer than max_seq_length: no target left": Case(
         lambda e, o: finetune(e, o, data=e.data_no_target), "larger --max_seq_length"),
     "wrong checkpoint_dir": Case(lambda e, o: finetune(e, o, checkpoint=e.tmp / "nope"), "checkpoint directory"),
+    "data tokenized with another tokenizer than the model's": Case(
+        lambda e, o: finetune(e, o, checkpoint=e.base_other_tokenizer), "tokenized with another tokenizer"),
+    "data tokenized with another tokenizer (full finetune)": Case(
+        lambda e, o: finetune(e, o, checkpoint=e.base_other_tokenizer, script="finetune/full.py"),
+        "tokenized with another tokenizer"),
     "checkpoint for another config": Case(
         lambda e, o: finetune(e, o, checkpoint=e.base_other_config), ("does not match", "convert")),
     "truncated weights": Case(lambda e, o: finetune(e, o, checkpoint=e.base_truncated), ("cannot read weights", "again")),
