@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lit_llama.checkpoint import atomic_path, save_weights
+from lit_llama.checkpoint import REFUSED_PICKLE, atomic_path, runs_code_if_loaded, save_weights
 from lit_llama.lora import (
     ALL_TARGETS,
     TARGETS,
@@ -262,6 +262,8 @@ def read_adapter_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[s
             return obj["lora"], obj["meta"]
         return obj, None
     except Exception as e:  # a truncated file, a pickle with code in it, not an adapter at all
+        if runs_code_if_loaded(e):
+            raise ValueError(f"cannot read adapter {path}: {REFUSED_PICKLE}") from None
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise ValueError(
             f"cannot read adapter {path}: {type(e).__name__}: {detail}; the file is damaged or incomplete: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import struct
 import tempfile
@@ -235,7 +236,19 @@ def load_config(checkpoint_dir: Path | str) -> LLaMAConfig:
         raise CheckpointError(f"{path} is not a valid LLaMA config ({e})") from None
 
 
+def runs_code_if_loaded(e: Exception) -> bool:
+    """Did torch.load(weights_only=True) refuse a pickle that holds other objects than tensors?"""
+    return isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e)
+
+
+# Said instead of torch's own message, which ends by suggesting weights_only=False: the unsafe way.
+REFUSED_PICKLE = ("refused: it is a pickle holding Python objects besides tensors, and loading it could run code; "
+                  "save the tensors again as a plain dict of tensors (safetensors, or torch.save of a state dict)")
+
+
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    if runs_code_if_loaded(e):
+        return CheckpointError(f"cannot read weights from {path}: {REFUSED_PICKLE}")
     return CheckpointError(
         f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
         "the file is damaged or incomplete: download or convert it again"

@@ -53,18 +53,21 @@ def test_the_planted_pickle_is_armed(tmp_path, marker):
 # ------------------------------------------------------------------------ library readers
 def test_load_weights_refuses_a_pickle_with_code(tmp_path, marker):
     path = plant(tmp_path / "lit_model.pth", marker)
-    with pytest.raises(CheckpointError, match=r"cannot read weights from .*lit_model\.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot read weights from .*lit_model\.pth") as refused:
         load_weights(path)
     assert not marker.exists()
+    # Said plainly, without torch's advice to retry with weights_only=False.
+    assert "loading it could run code" in str(refused.value) and "weights_only=False" not in str(refused.value)
 
 
 def test_load_adapter_refuses_a_pickle_with_code(tmp_path, marker):
     from lit_llama.adapter import load_adapter
 
     path = plant(tmp_path / "lit_model.lora.pth", marker, wrap=lambda evil: {"lora": {"x.lora_A": evil}, "meta": {}})
-    with pytest.raises(ValueError, match=r"cannot read adapter"):
+    with pytest.raises(ValueError, match=r"cannot read adapter") as refused:
         load_adapter(path)
     assert not marker.exists()
+    assert "loading it could run code" in str(refused.value) and "weights_only=False" not in str(refused.value)
 
 
 def test_llama2c_checkpoint_loader_refuses_a_pickle_with_code(tmp_path, marker):
