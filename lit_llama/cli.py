@@ -17,7 +17,9 @@ from typing import Any, Callable
 from jsonargparse import CLI
 
 # Errors that describe a user's input. Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
+)
 # Operating-system errors that are about the user's disk, not our code.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 

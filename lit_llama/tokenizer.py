@@ -51,7 +51,11 @@ class Tokenizer:
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(model_path)!r} does not exist; pass a SentencePiece .model file")
         self.path = model_path  # the file read, e.g. for a hash of it
-        self.processor = SentencePieceProcessor(model_file=str(model_path))
+        try:
+            self.processor = SentencePieceProcessor(model_file=str(model_path))
+        except RuntimeError as e:  # a truncated, empty or foreign file: sentencepiece's parse error
+            raise ValueError(f"tokenizer {str(model_path)!r} is not a SentencePiece model sentencepiece can read "
+                             f"({str(e).strip()[:120]}); it is damaged or incomplete: copy it again") from None
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
         # LLaMA's tokenizer defines no pad piece. Padded positions are always masked, so any valid

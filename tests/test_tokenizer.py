@@ -380,3 +380,16 @@ def test_convert_hf_checkpoint_copies_the_hf_tokenizer_files(llama3_dir, tmp_pat
     assert not (tmp_path / "lit" / "tokenizer.model").exists()
     tok = Tokenizer.from_checkpoint(tmp_path / "lit")
     assert type(tok) is HFTokenizer and {128001, 128009} <= set(tok.stop_ids) and tok.chat_template
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_tokenizer_model_is_one_clear_error(tmp_path, damage):
+    """sentencepiece's own RuntimeError ("could not parse ModelProto", "unk is not defined") becomes a
+    ValueError that says what to do, so the scripts print one line instead of a traceback."""
+    source = DATA / "tok512.model"
+    if not source.is_file():
+        pytest.skip(f"{source} not found")
+    broken = tmp_path / "tokenizer.model"
+    broken.write_bytes(source.read_bytes()[:1000] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match="is not a SentencePiece model sentencepiece can read.*copy it again"):
+        Tokenizer(broken)
