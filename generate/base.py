@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from lit_llama.checkpoint import load_config, load_model
 from lit_llama.cli import run
 from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import generate
 from lit_llama.prompts import TEMPLATE_STYLE_NAME, PromptStyleName, describe_style, get_prompt_style
-from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, resolve_device
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -62,10 +60,7 @@ def main(
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = resolve_device(accelerator)
-    if precision == "16-true" and device.type == "cpu":
-        raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
-    torch.manual_seed(seed)
+    device = prepare_run(accelerator, precision, seed)
     config = load_config(checkpoint_dir)  # names a wrong folder as such, before the tokenizer inside it is missed
     tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, tokenizer_path)
 

@@ -36,7 +36,7 @@ from lit_llama.prompts import (
     describe_style,
     get_prompt_style,
 )
-from lit_llama.runtime import PRECISIONS, resolve_device
+from lit_llama.runtime import PRECISIONS, prepare_run
 from lit_llama.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -72,10 +72,7 @@ def main(
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = resolve_device(accelerator)
-    if precision == "16-true" and device.type == "cpu":
-        raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
-    torch.manual_seed(seed)
+    device = prepare_run(accelerator, precision, seed)
     config = load_config(checkpoint_dir)
     if max_new_tokens >= config.block_size:
         raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's context of "

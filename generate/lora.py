@@ -24,7 +24,7 @@ from lit_llama.generation import generate
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
-from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, resolve_device
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -60,10 +60,7 @@ def main(
         prompt_style: Override the prompt template stored in the adapter: alpaca, plain, chatml, llama3, or chat_template (the checkpoint's own chat template); default: the adapter's, else alpaca.
         seed: Random seed for sampling.
     """
-    device = resolve_device(accelerator)
-    if precision == "16-true" and device.type == "cpu":
-        raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
-    torch.manual_seed(seed)
+    device = prepare_run(accelerator, precision, seed)
     paths = [lora_path] if isinstance(lora_path, Path) else list(lora_path)
     if len(paths) > 1:
         if compile:

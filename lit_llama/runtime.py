@@ -17,6 +17,15 @@ def resolve_device(accelerator: str) -> torch.device:
     return torch.device(accelerator)
 
 
+def prepare_run(accelerator: str, precision: str, seed: int) -> torch.device:
+    """What every generate script does first: the device, a precision it can run, the sampling seed."""
+    device = resolve_device(accelerator)
+    if precision == "16-true" and device.type == "cpu":
+        raise ValueError("--precision 16-true needs a GPU; on CPU use 32-true or bf16-true")
+    torch.manual_seed(seed)
+    return device
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -74,12 +74,19 @@ class Tokenizer:
         for token in self.special_tokens:
             if not isinstance(token, str) or not token.strip():
                 raise ValueError(f"special token {token!r} is empty; pass non-empty strings such as '<|user|>'")
-            existing = self.processor.piece_to_id(token)
-            if existing != self.processor.unk_id() or token == self.processor.id_to_piece(self.processor.unk_id()):
-                raise ValueError(f"special token {token!r} is already piece {existing} of the tokenizer; use it as it is "
-                                 "or choose another string")
+            existing = self._existing_id(token)
+            if existing is not None:
+                raise ValueError(f"special token {token!r} is already {self._unit} {existing} of the tokenizer; use it as "
+                                 "it is or choose another string")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError(f"special tokens {list(self.special_tokens)} repeat a token; list each once")
+
+    _unit = "piece"  # what the vocabulary's entries are called, for the message above
+
+    def _existing_id(self, token: str) -> int | None:
+        """The id `token` already has in the vocabulary, or None (SentencePiece answers unk for unknown pieces)."""
+        existing, unk = self.processor.piece_to_id(token), self.processor.unk_id()
+        return existing if existing != unk or token == self.processor.id_to_piece(unk) else None
 
     @property
     def vocab_size(self) -> int:
@@ -107,6 +114,10 @@ class Tokenizer:
             ids = []
             for i, part in enumerate(self._special_split.split(text)):
                 ids += [self.special_ids[part]] if i % 2 else (self.processor.encode(part) if part else [])
+        return self._finish(ids, bos, eos, max_length, device)
+
+    def _finish(self, ids: list[int], bos: bool, eos: bool, max_length: int | None, device: torch.device | str | None) -> torch.Tensor:
+        """BOS/EOS added as asked, cut to max_length, as a LongTensor (T,)."""
         if bos:
             ids = [self.bos_id] + ids
         if eos:
@@ -340,16 +351,10 @@ class HFTokenizer(Tokenizer):
         framed = self.backend.encode("a", add_special_tokens=True).ids
         return len(framed) > len(plain) and framed[0] == self.bos_id and framed[1:1 + len(plain)] == plain
 
-    def _check_special_tokens(self) -> None:
-        for token in self.special_tokens:
-            if not isinstance(token, str) or not token.strip():
-                raise ValueError(f"special token {token!r} is empty; pass non-empty strings such as '<|user|>'")
-            existing = self.backend.token_to_id(token)
-            if existing is not None:
-                raise ValueError(f"special token {token!r} is already token {existing} of the tokenizer; use it as it is "
-                                 "or choose another string")
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ValueError(f"special tokens {list(self.special_tokens)} repeat a token; list each once")
+    _unit = "token"
+
+    def _existing_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:
@@ -373,14 +378,7 @@ class HFTokenizer(Tokenizer):
     ) -> torch.Tensor:
         """Token ids of `text` as a LongTensor (T,): BOS first if `bos` and the model adds one
         (`add_bos`), EOS last if `eos`, cut to max_length."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if bos and self.add_bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        if max_length is not None:
-            ids = ids[:max_length]
-        return torch.tensor(ids, dtype=torch.long, device=device)
+        return self._finish(self.backend.encode(text, add_special_tokens=False).ids, bos and self.add_bos, eos, max_length, device)
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`, special tokens (BOS/EOS included) written out unless skip_special_tokens,

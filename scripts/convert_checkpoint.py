@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from lit_llama.convert_meta import (
     name_plan,
     validate_shards,
 )
+from lit_llama.runtime import peak_memory_mib
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,7 +145,7 @@ def main(
 
     n_params = sum(torch.Size(shape).numel() for _, shape in specs.values())
     size_gb = weights_path.stat().st_size / 1e9
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_mib = peak_memory_mib(torch.device("cpu"))
     print(
         f"Wrote {weights_path} ({n_params / 1e6:.1f} M parameters, {size_gb:.2f} GB) from {len(shard_paths)} shard(s) "
         f"in {time.perf_counter() - t0:.1f} s; peak RSS {peak_mib:.0f} MiB",

@@ -75,12 +75,9 @@ def from_scratch_demo(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    prepare_demo = load_script("scripts/prepare_demo.py")
-    prepare_text = load_script("scripts/prepare_text.py")
-    pretrain = load_script("pretrain/base.py")
-    prepare_json = load_script("scripts/prepare_json.py")
-    finetune = load_script("finetune/lora.py")
-    evaluate = load_script("scripts/evaluate.py")
+    prepare_demo, prepare_text, pretrain, prepare_json, finetune, evaluate = map(load_script, (
+        "scripts/prepare_demo.py", "scripts/prepare_text.py", "pretrain/base.py", "scripts/prepare_json.py",
+        "finetune/lora.py", "scripts/evaluate.py"))
 
     step("1/6 prepare the demo world (corpus + instructions)", data / "test.json",
          lambda: prepare_demo.main(destination_path=data, seed=seed, n_test=n_test), timings)
@@ -173,11 +170,9 @@ def smollm2_quickstart(out_dir: Path, gguf_path: Path | None, finetune_iters: in
     adapter = lora_dir / "lit_model.lora.safetensors"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    convert = load_script("scripts/convert_gguf_checkpoint.py")
-    prepare_demo = load_script("scripts/prepare_demo.py")
-    prepare_json = load_script("scripts/prepare_json.py")
-    finetune = load_script("finetune/lora.py")
-    evaluate = load_script("scripts/evaluate.py")
+    convert, prepare_demo, prepare_json, finetune, evaluate = map(load_script, (
+        "scripts/convert_gguf_checkpoint.py", "scripts/prepare_demo.py", "scripts/prepare_json.py", "finetune/lora.py",
+        "scripts/evaluate.py"))
 
     step("1/5 convert the GGUF file into a checkpoint (fp32)", base / "lit_config.json",
          lambda: convert.main(gguf_path=gguf, output_dir=base, dtype="float32"), timings)

@@ -10,7 +10,6 @@ slices read straight out of the source file.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from lit_llama.checkpoint import (
 )
 from lit_llama.cli import run
 from lit_llama.convert_meta import SliceReader, block_of, check_shards_divide, meta_shard, params_from_config
+from lit_llama.runtime import peak_memory_mib
 
 
 def slice_reader(weights_path: Path) -> SliceReader:
@@ -100,7 +100,7 @@ def main(
     if config.tie_embeddings:
         print("note: the model ties its head to the embedding; Meta's format has no such flag, so output.weight "
               "is written as a copy and converting back gives an untied model with the same outputs", file=sys.stderr)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_mib = peak_memory_mib(torch.device("cpu"))
     print(
         f"Wrote {shards} shard(s) of {total_bytes / shards / 1e6:.1f} MB each to {output_dir} "
         f"in {time.perf_counter() - t0:.1f} s; peak RSS {peak_mib:.0f} MiB",

@@ -7,10 +7,9 @@ Q4_K, Q5_K, Q6_K)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +50,14 @@ TEXTS = [
 ]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # jsonargparse resolves the postponed annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def script_main():
+    """scripts/convert_gguf_checkpoint.py's main, to run its command line in this process."""
+    return runpy.run_path(str(REPO / "scripts" / "convert_gguf_checkpoint.py"))["main"]
 
 
 def cli_error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        cli_run(load_script("convert_gguf_checkpoint").main, args=args)
+        cli_run(script_main(), args=args)
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -20,20 +20,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+import lit_llama.resume as train_states
 from lit_llama.checkpoint import save_checkpoint
 from lit_llama.data import collate
 from lit_llama.distributed import setup_fabric
 from lit_llama.lora import LoRAConfig, build_lora_model, lora_state_dict, mark_only_lora_as_trainable
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
-from lit_llama.resume import (
-    STATE_DIR,
-    clean_stale_temps,
-    flatten_optimizer,
-    list_states,
-    prune_states,
-    unflatten_optimizer,
-    verify_state,
-)
+from lit_llama.resume import STATE_DIR, flatten_optimizer, list_states, unflatten_optimizer, verify_state
 from lit_llama.samplers import EpochSampler, resumable_dataloader
 from lit_llama.training import TrainConfig, fit
 
@@ -285,9 +278,9 @@ def test_cleanup_and_pruning_never_follow_links(tmp_path):
     (out / "linked").symlink_to(elsewhere, target_is_directory=True)
     (out / ".ours.def456.tmp").write_text("left by an interrupted write")
     (out / ".link.ghi789.tmp").symlink_to(foreign_tmp)
-    removed = clean_stale_temps(out)
+    removed = train_states.clean_stale_temps(out)
     assert removed == [out / ".ours.def456.tmp"]
     assert foreign_tmp.read_text() == "not ours" and (out / ".link.ghi789.tmp").is_symlink()
     (out / STATE_DIR).symlink_to(elsewhere, target_is_directory=True)
-    prune_states(out / STATE_DIR, keep_last=1)
+    train_states.prune_states(out / STATE_DIR, keep_last=1)
     assert sorted(p.name for p in elsewhere.glob("state-*.json")) == [f"state-{s:06d}.json" for s in (1, 2, 3)]

@@ -189,11 +189,10 @@ def _need(*names):
 
 
 @pytest.fixture(scope="module")
-def llama3_dir(tmp_path_factory):
-    _need("llama3-tokenizer.json", "llama3-tokenizer_config.json")
-    folder = tmp_path_factory.mktemp("llama3")
-    shutil.copyfile(DATA / "llama3-tokenizer.json", folder / "tokenizer.json")
-    shutil.copyfile(DATA / "llama3-tokenizer_config.json", folder / "tokenizer_config.json")
+def llama3_dir(llama3_chat_dir, tmp_path_factory):
+    """conftest's Llama 3 folder plus the instruct model's generation_config.json (its two stop ids)."""
+    folder = tmp_path_factory.mktemp("llama3") / "tokenizer"
+    shutil.copytree(llama3_chat_dir, folder)
     (folder / "generation_config.json").write_text(json.dumps(LLAMA3_INSTRUCT_GENERATION_CONFIG))
     return folder
 
@@ -210,14 +209,9 @@ def llama3_bos_dir(llama3_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer, turned into tokenizer.json by transformers' GGUF conversion."""
-    _need("SmolLM2-135M-Instruct.Q4_1.gguf")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("smollm2")
-    auto = transformers.AutoTokenizer.from_pretrained(str(DATA), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    auto.save_pretrained(folder)
-    return folder
+def smollm2_dir(smollm2_chat_dir):
+    """SmolLM2-135M-Instruct's tokenizer, turned into tokenizer.json by transformers' GGUF conversion (conftest)."""
+    return smollm2_chat_dir
 
 
 HF_DIRS = ["llama3_dir", "llama3_bos_dir", "smollm2_dir"]
