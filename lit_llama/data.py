@@ -384,8 +384,8 @@ def prepare_instruction_data(
     if destination_path.exists() and not destination_path.is_dir():
         raise ValueError(f"--destination_path {str(destination_path)!r} is a file; pass a directory")
     if tokenizer_path is None and not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"--checkpoint_dir {str(checkpoint_dir)!r} does not exist; pass the converted checkpoint "
-                                "whose tokenizer the data is for (or --tokenizer_path)")
+        raise FileNotFoundError(f"--checkpoint_dir {str(checkpoint_dir)!r} does not exist (the data is tokenized with its "
+                                "tokenizer.model or tokenizer.json); pass the converted checkpoint, or --tokenizer_path")
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise FileNotFoundError(f"tokenizer {str(tokenizer_path)!r} does not exist; pass a tokenizer.model or tokenizer.json "
                                 "file, or leave --tokenizer_path out to use the checkpoint's")
