@@ -39,7 +39,7 @@ from lit_llama.adapter import copy_adapter_, load_adapter
 from lit_llama.checkpoint import atomic_path, find_weights, load_config, open_weights
 from lit_llama.convert_gguf import BPE_PRE_TOKENIZERS, ROPE_FREQS, gguf_names_for, llama3_rope_divisors
 from lit_llama.convert_hf import lit_shapes
-from lit_llama.hf_tokenizer_export import _chat_template, _fields, sentencepiece_settings
+from lit_llama.hf_tokenizer_export import checkpoint_chat_template, proto_fields, sentencepiece_settings
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import HFTokenizer, Tokenizer
@@ -229,7 +229,7 @@ def add_sentencepiece_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, r
     follow as USER_DEFINED tokens, which llama.cpp matches whole in the text as our Tokenizer does."""
     sp = tokenizer.processor
     serialized = tokenizer.path.read_bytes()
-    types = [int(dict(_fields(value)).get(3, 1)) for number, value in _fields(serialized) if number == 1]
+    types = [int(dict(proto_fields(value)).get(3, 1)) for number, value in proto_fields(serialized) if number == 1]
     tokens = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     scores = [float(sp.get_score(i)) for i in range(sp.vocab_size())]
     if len(types) != len(tokens):
@@ -269,7 +269,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, rows: int, spec
         template = tokenizer.chat_template
     else:
         add_sentencepiece_tokenizer(writer, tokenizer, rows)
-        template = _chat_template(checkpoint_dir)
+        template = checkpoint_chat_template(checkpoint_dir)
     if template is not None:
         writer.add_chat_template(template)
     return True

@@ -27,7 +27,7 @@ from lit_llama.checkpoint import atomic_path, load_config
 from lit_llama.convert_gguf import gguf_names_for
 from lit_llama.lora import BLOCK_TARGETS, LoRAConfig
 from lit_llama.model import LLaMAConfig
-from lit_llama.peft_interop import _slice_layout
+from lit_llama.peft_interop import slice_layout
 
 MERGE_INSTEAD = "merge it into the model instead: scripts/convert_lit_to_gguf.py --lora_path"
 
@@ -61,7 +61,7 @@ def adapter_gguf_tensors(
         return state_dict[name].detach().float().numpy()
 
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    slices = _slice_layout(config, lora)
+    slices = slice_layout(config, lora)
     for i in range(config.n_layer):
         if slices:
             prefix = f"transformer.h.{i}.attn.c_attn"

@@ -71,7 +71,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+def proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
     """(field number, value) of a protobuf message: an int for varints, bytes for the rest."""
     i = 0
     while i < len(buf):
@@ -103,21 +103,21 @@ def sentencepiece_settings(serialized: bytes) -> dict:
     """The trainer and normalizer settings of a serialized SentencePiece ModelProto, with the
     proto's defaults for fields not written, plus the number of user-defined and unused pieces."""
     trainer, normalizer, denormalizer, piece_types = b"", b"", b"", []
-    for number, value in _fields(serialized):
+    for number, value in proto_fields(serialized):
         if number == 1:  # a piece: (piece, score, type); type NORMAL (1) when not written
-            piece_types.append(dict(_fields(value)).get(3, 1))
+            piece_types.append(dict(proto_fields(value)).get(3, 1))
         elif number == 2:
             trainer = value
         elif number == 3:
             normalizer = value
         elif number == 5:
             denormalizer = value
-    trainer_fields, normalizer_fields = dict(_fields(trainer)), dict(_fields(normalizer))
+    trainer_fields, normalizer_fields = dict(proto_fields(trainer)), dict(proto_fields(normalizer))
     settings = {key: trainer_fields.get(n, default) for key, (n, default) in _TRAINER.items()}
     settings |= {key: normalizer_fields.get(n, default) for key, (n, default) in _NORMALIZER.items()}
     settings["model_type"] = _MODEL_TYPES.get(settings["model_type"], str(settings["model_type"]))
     settings["name"] = bytes(settings["name"]).decode("utf-8", "replace")
-    settings["denormalizer_charsmap"] = dict(_fields(denormalizer)).get(2, b"")
+    settings["denormalizer_charsmap"] = dict(proto_fields(denormalizer)).get(2, b"")
     settings["user_defined"] = piece_types.count(_USER_DEFINED)
     settings["unused"] = piece_types.count(_UNUSED)
     return settings
@@ -204,7 +204,7 @@ def sentencepiece_to_tokenizers(tokenizer: Tokenizer, model_path: Path) -> token
     return backend
 
 
-def _chat_template(checkpoint_dir: Path) -> str | None:
+def checkpoint_chat_template(checkpoint_dir: Path) -> str | None:
     """A chat template the checkpoint carries beside its tokenizer.model (tokenizer_config.json or
     chat_template.jinja, e.g. from a Hugging Face chat model's folder), else None."""
     config_path = checkpoint_dir / "tokenizer_config.json"
@@ -247,7 +247,7 @@ def _write_from_sentencepiece(checkpoint_dir: Path, output_dir: Path, config: LL
         "model_max_length": config.block_size,
         "added_tokens_decoder": added,
     }
-    template = _chat_template(checkpoint_dir)
+    template = checkpoint_chat_template(checkpoint_dir)
     if template is not None:
         tokenizer_config["chat_template"] = template
     _write_json(output_dir / "tokenizer_config.json", tokenizer_config)

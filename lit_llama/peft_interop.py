@@ -31,7 +31,7 @@ def _hf_module(lit_module: str) -> str:
     return hf_name_for(lit_module + ".weight").removesuffix(".weight")
 
 
-def _slice_layout(config: LLaMAConfig, lora: LoRAConfig) -> list[tuple[str, int, int, int, int, int]]:
+def slice_layout(config: LLaMAConfig, lora: LoRAConfig) -> list[tuple[str, int, int, int, int, int]]:
     """Per enabled c_attn slice: (name, heads, rows, rank, first row in lora_A, first row in lora_B)."""
     hs = config.head_size
     heads = (config.n_head, config.n_query_groups, config.n_query_groups)
@@ -65,7 +65,7 @@ def lora_to_peft(
         module, kind = name.rsplit(".", 1)
         if module.endswith(".attn.c_attn"):
             hf_names = dict(zip(TARGETS, hf_names_for(f"{module}.weight")))  # q, k, v_proj
-            for slice_name, heads, rows, rank, a0, b0 in _slice_layout(config, lora):
+            for slice_name, heads, rows, rank, a0, b0 in slice_layout(config, lora):
                 hf = hf_names[slice_name].removesuffix(".weight")
                 if kind == "lora_A":
                     out[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = t[a0:a0 + rank].clone()
@@ -264,7 +264,7 @@ def _lit_tensors(
             raise ValueError("ensure_weight_tying is set but lm_head's LoRA is not the transpose of embed_tokens'")
     hs = config.head_size
     for hf_attn, parts in c_attn_parts.items():
-        layout = _slice_layout(config, lora)
+        layout = slice_layout(config, lora)
         A = torch.cat([parts[f"{PEFT_SHORT_NAMES[name][0]}.lora_A"] for name, *_ in layout])  # (sum r_s, C)
         rows = sum(n * hs for _, n, *_ in layout)
         ref = parts[f"{PEFT_SHORT_NAMES[layout[0][0]][0]}.lora_B"]
