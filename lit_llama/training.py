@@ -221,6 +221,30 @@ def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
 
 
+def plan_steps(cfg: TrainConfig, micro_batches: int, world_size: int) -> tuple[int, int, int, int]:
+    """(accumulation, optimizer steps per epoch, micro-batches used per epoch, total steps) for a loader
+    of `micro_batches` per epoch; the partial accumulation at an epoch's end is dropped."""
+    accum = cfg.accumulation_steps(world_size)
+    if micro_batches < accum:
+        raise ValueError(
+            f"the training set gives {micro_batches} micro-batches per epoch, fewer than the {accum} that one "
+            f"optimizer step of --train.batch_size {cfg.batch_size} needs; lower --train.batch_size or add data"
+        )
+    steps_per_epoch = micro_batches // accum
+    return accum, steps_per_epoch, steps_per_epoch * accum, cfg.max_iters or cfg.epochs * steps_per_epoch
+
+
+def stop_if_diverged(loss: float, step: int, out_dir: Path, checkpoint_name: str) -> None:
+    """Stop before a diverged model is saved: what was saved earlier stays the last good result."""
+    if not math.isfinite(loss):
+        saved = sorted(out_dir.glob(f"iter-*-{checkpoint_name}*"))
+        raise ValueError(
+            f"the training loss became {loss} by step {step}; stopped without saving"
+            + (f" (the last good save is {saved[-1].name})" if saved else "")
+            + "; lower --train.learning_rate or keep --train.grad_clip on, and start again"
+        )
+
+
 def fit(
     fabric: L.Fabric,
     model: torch.nn.Module,
@@ -254,15 +278,7 @@ def fit(
     are written (their shards are not on rank 0) and `resume` is refused; under FSDP `sample` is
     skipped (rank 0 cannot run a sharded model alone).
     """
-    accum = cfg.accumulation_steps(fabric.world_size)
-    if len(train_loader) < accum:
-        raise ValueError(
-            f"the training set gives {len(train_loader)} micro-batches per epoch, fewer than the {accum} that one "
-            f"optimizer step of --train.batch_size {cfg.batch_size} needs; lower --train.batch_size or add data"
-        )
-    steps_per_epoch = len(train_loader) // accum
-    micro_per_epoch = steps_per_epoch * accum  # the partial accumulation at an epoch's end is dropped
-    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+    accum, steps_per_epoch, micro_per_epoch, total_steps = plan_steps(cfg, len(train_loader), fabric.world_size)
     inner = getattr(model, "module", model)
     sampler = epoch_sampler(train_loader)
     check_sharded_fit(fabric, resume, accum, cfg.micro_batch_size)
@@ -306,7 +322,7 @@ def fit(
         sync_tokens()
         # Averaged over the ranks too: each saw its own micro-batches of the global batch.
         train_loss = fabric.all_reduce(torch.stack(p.running_loss).mean(), reduce_op="mean").item()
-        check_finite(train_loss)
+        stop_if_diverged(train_loss, p.step, out_dir, checkpoint_name)
         p.running_loss.clear()
         now = time.perf_counter()
         tps = tokens_since_log / max(now - t_log, 1e-9)
@@ -322,19 +338,10 @@ def fit(
         if sample is not None and fabric.global_rank == 0:
             bar.write(f"sample: {sample(model)!r}", file=sys.stderr)
 
-    def check_finite(loss: float) -> None:
-        """Stop before a diverged model is saved: what was saved earlier stays the last good result."""
-        if not math.isfinite(loss):
-            saved = sorted(out_dir.glob(f"iter-*-{checkpoint_name}*"))
-            raise ValueError(
-                f"the training loss became {loss} by step {p.step}; stopped without saving"
-                + (f" (the last good save is {saved[-1].name})" if saved else "")
-                + "; lower --train.learning_rate or keep --train.grad_clip on, and start again"
-            )
-
     def save_output(stem: Path) -> None:
         if p.running_loss:  # the losses since the last log line, not checked yet
-            check_finite(fabric.all_reduce(torch.stack(p.running_loss).mean(), reduce_op="mean").item())
+            loss = fabric.all_reduce(torch.stack(p.running_loss).mean(), reduce_op="mean").item()
+            stop_if_diverged(loss, p.step, out_dir, checkpoint_name)
         with disk_errors_as_value_errors(stem):
             save(stem)
 
