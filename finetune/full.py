@@ -19,7 +19,7 @@ import torch
 
 from lit_llama.checkpoint import load_config, load_into, load_model, save_checkpoint
 from lit_llama.cli import run
-from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders
+from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders, instruction_sampler
 from lit_llama.distributed import (
     Strategy,
     build_sharded,
@@ -29,7 +29,6 @@ from lit_llama.distributed import (
     setup_fabric,
     setup_model_and_optimizer,
 )
-from lit_llama.generation import instruction_sampler
 from lit_llama.model import LLaMA
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
 from lit_llama.tokenizer import Tokenizer

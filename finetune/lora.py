@@ -20,7 +20,7 @@ import torch
 from lit_llama.adapter import adapter_metadata, save_adapter, write_adapter
 from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
-from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders
+from lit_llama.data import check_data_tokenizer, dataset_special_tokens, instruction_dataloaders, instruction_sampler
 from lit_llama.distributed import (
     Strategy,
     build_sharded,
@@ -31,7 +31,6 @@ from lit_llama.distributed import (
     setup_model_and_optimizer,
     weights_dtype,
 )
-from lit_llama.generation import instruction_sampler
 from lit_llama.lora import (
     LoRAConfig,
     build_lora_model,

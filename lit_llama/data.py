@@ -26,7 +26,7 @@ import math
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lit_llama.checkpoint import atomic_path, atomic_write_text, save_weights
+from lit_llama.generation import generate
 from lit_llama.prompts import PromptStyle, TemplateStyle, get_prompt_style, user_content
 from lit_llama.samplers import MicroBatchSampler
 from lit_llama.tokenizer import Tokenizer
@@ -469,3 +470,37 @@ def instruction_dataloaders(
                             generator=torch.Generator().manual_seed(seed))
     val_loader = fabric.setup_dataloaders(val_loader)
     return train_loader, val_loader, dict(train_set.metadata)
+
+
+# ------------------------------------------------- text samples of a model in training, for eyeballing
+def instruction_sampler(
+    tokenizer, prompt_style: str, instruction: str, max_new_tokens: int = 64
+) -> Callable[[torch.nn.Module], str]:
+    """A function that greedily answers `instruction` with the model in training, for eyeballing progress."""
+    style = get_prompt_style(prompt_style, tokenizer)
+    return greedy_sampler(tokenizer, style.format(instruction), max_new_tokens, bos=style.bos,
+                          stop_ids=style.stop_ids(tokenizer))
+
+
+def greedy_sampler(
+    tokenizer, prompt: str, max_new_tokens: int, keep_prompt: bool = False, bos: bool = True,
+    stop_ids: Sequence[int] | None = None,
+) -> Callable[[torch.nn.Module], str]:
+    """A function that greedily continues `prompt` with the model in training (the continuation, or
+    prompt + continuation with `keep_prompt`), then puts the model back in training mode. It stops
+    at `stop_ids` (default: the tokenizer's)."""
+    def sample(model: torch.nn.Module) -> str:
+        inner = getattr(model, "module", model)
+        device = next(inner.parameters()).device
+        ids = tokenizer.encode(prompt, bos=bos, device=device)
+        budget = min(max_new_tokens, inner.config.block_size - len(ids))
+        if budget <= 0:
+            return ""
+        inner.eval()
+        out = generate(inner, [ids], budget, temperature=0,
+                       stop_ids=tokenizer.stop_ids if stop_ids is None else stop_ids, pad_id=tokenizer.pad_id)[0]
+        inner.clear_kv_cache()
+        inner.train()
+        return tokenizer.decode(out if keep_prompt else out[len(ids):])
+
+    return sample

@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 
 from lit_llama.model import LLaMA
-from lit_llama.prompts import get_prompt_style
 
 
 def logits_to_probs(
@@ -198,37 +197,3 @@ def stream(
 
 def _ids_list(stop_ids: Sequence[int] | int | None) -> list[int]:
     return [] if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
-
-
-# ------------------------------------------------- text samples of a model in training, for eyeballing
-def instruction_sampler(
-    tokenizer, prompt_style: str, instruction: str, max_new_tokens: int = 64
-) -> Callable[[torch.nn.Module], str]:
-    """A function that greedily answers `instruction` with the model in training, for eyeballing progress."""
-    style = get_prompt_style(prompt_style, tokenizer)
-    return greedy_sampler(tokenizer, style.format(instruction), max_new_tokens, bos=style.bos,
-                          stop_ids=style.stop_ids(tokenizer))
-
-
-def greedy_sampler(
-    tokenizer, prompt: str, max_new_tokens: int, keep_prompt: bool = False, bos: bool = True,
-    stop_ids: Sequence[int] | None = None,
-) -> Callable[[torch.nn.Module], str]:
-    """A function that greedily continues `prompt` with the model in training (the continuation, or
-    prompt + continuation with `keep_prompt`), then puts the model back in training mode. It stops
-    at `stop_ids` (default: the tokenizer's)."""
-    def sample(model: torch.nn.Module) -> str:
-        inner = getattr(model, "module", model)
-        device = next(inner.parameters()).device
-        ids = tokenizer.encode(prompt, bos=bos, device=device)
-        budget = min(max_new_tokens, inner.config.block_size - len(ids))
-        if budget <= 0:
-            return ""
-        inner.eval()
-        out = generate(inner, [ids], budget, temperature=0,
-                       stop_ids=tokenizer.stop_ids if stop_ids is None else stop_ids, pad_id=tokenizer.pad_id)[0]
-        inner.clear_kv_cache()
-        inner.train()
-        return tokenizer.decode(out if keep_prompt else out[len(ids):])
-
-    return sample

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from lit_llama.checkpoint import TOKENIZER_NAME, save_checkpoint
 from lit_llama.cli import run
+from lit_llama.data import greedy_sampler
 from lit_llama.distributed import setup_fabric, setup_model_and_optimizer
-from lit_llama.generation import greedy_sampler
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.pretrain_data import PretrainDataset, read_meta
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
