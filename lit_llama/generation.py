@@ -8,6 +8,7 @@ prompt right does not change its result (beyond float rounding).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Callable
@@ -104,10 +105,12 @@ def generate_tokens(
         prompts = list(prompts) if prompts.dim() == 2 else [prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (encode with bos=True)")
-    if temperature < 0:
+    if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be a positive number of tokens, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (the probability mass kept), got {top_p}")
     idx, pads = left_pad(prompts, pad_id)
     B, L = idx.shape
     check_fits_context(model, L, max_new_tokens)

@@ -320,6 +320,8 @@ CASES: dict[str, Case] = {
     "prompt longer than the context": Case(lambda e, o: generate(e, "--prompt=" + "word " * 300), "exceeds the model's context"),
     "temperature < 0": Case(lambda e, o: generate(e, "--temperature", "-0.5"), "temperature must be >= 0"),
     "top_k 0": Case(lambda e, o: generate(e, "--top_k", "0"), "top_k must be a positive"),
+    "top_p -1": Case(lambda e, o: generate(e, "--top_p", "-1"), "top_p must be in (0, 1]"),
+    "top_p 1.5": Case(lambda e, o: generate(e, "--top_p", "1.5"), "top_p must be in (0, 1]"),
     "16-true on CPU": Case(lambda e, o: generate(e, "--precision", "16-true"), "needs a GPU"),
     "generate: wrong checkpoint_dir": Case(
         lambda e, o: generate(e, checkpoint=e.tmp / "nope"), "checkpoint directory"),

@@ -345,3 +345,11 @@ def test_compiled_decode_step_on_cpu_has_no_matmul_call_left_at_batch_1():
     _, code = run_and_get_code(lambda: generate(model, [prompt], 3, temperature=0.0, decode_fn=step))
     assert code, "nothing was compiled"
     assert not any("extern_kernels.mm" in c or "extern_kernels.addmm" in c for c in code)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(temperature=float("nan")), "temperature must be >= 0"),
+                                             (dict(temperature=1.0, top_p=0.0), "top_p must be in")])
+def test_generate_refuses_sampling_settings_without_a_meaning(kwargs, message):
+    model = LLaMA(LLaMAConfig.from_name("tiny"))
+    with pytest.raises(ValueError, match=message):
+        generate(model, [torch.tensor([1, 2])], 2, **kwargs)
