@@ -69,7 +69,9 @@ class LLaMAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model {name} must be a positive integer, got {value!r}")
-        for name in ("n_query_groups", "intermediate_size", "padded_vocab_size", "head_size"):
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"model tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("n_query_groups", "intermediate_size", "padded_vocab_size", "head_size", "multiple_of"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"model {name} must be a positive integer (or unset), got {value!r}")
