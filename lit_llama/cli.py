@@ -20,6 +20,12 @@ from jsonargparse import CLI
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
 )
+# What to do about a path of the wrong kind (the OS's message names the path, not the remedy).
+PATH_HINTS: dict[type[BaseException], str] = {
+    FileExistsError: "that path exists already: pass a new one (nothing is overwritten)",
+    IsADirectoryError: "that path is a folder: pass a file path",
+    NotADirectoryError: "part of that path is a file, not a folder: pass a folder path",
+}
 # Operating-system errors that are about the user's disk, not our code.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
@@ -34,7 +40,7 @@ def run(main: Callable[..., Any], args: list[str] | None = None, positional: boo
     except argparse.ArgumentError as e:
         fail(ValueError(f"{' '.join(str(e).split())}; run with --help to see every flag and its allowed values"))
     except USER_ERRORS as e:
-        fail(e)
+        fail(e, hint=PATH_HINTS.get(type(e), ""))
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise

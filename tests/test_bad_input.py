@@ -336,6 +336,15 @@ CASES: dict[str, Case] = {
     "compile: prompt longer than the context": Case(
         lambda e, o: generate(e, "--compile", "true", "--prompt=" + "word " * 300), "exceeds the model's context"),
     # ---- merging
+    "merge --output_dir an existing file": Case(
+        lambda e, o: ["scripts/merge_lora.py", "--checkpoint_dir", str(e.base), "--lora_path", str(e.adapter),
+                      "--output_dir", str(e.a_file)], "holds other files than a checkpoint's"),
+    "evaluate --out_file a directory": Case(
+        lambda e, o: ["scripts/evaluate.py", "--checkpoint_dir", str(e.base), "--tokens_dir", str(e.text_data),
+                      "--out_file", str(e.tmp)], ("Is a directory", "pass a file path")),
+    "llama2c --output_dir an existing file": Case(
+        lambda e, o: ["scripts/convert_llama2c_checkpoint.py", "--checkpoint_path", str(DATA / "stories260K.bin"),
+                      "--output_dir", str(e.a_file)], ("File exists", "pass a new one")),
     "merge into the base folder": Case(
         lambda e, o: ["scripts/merge_lora.py", "--checkpoint_dir", str(e.base), "--lora_path", str(e.adapter),
                       "--output_dir", str(e.base)], "must differ"),
