@@ -24,11 +24,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,13 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from lit_llama.checkpoint import CONFIG_NAME, atomic_path, atomic_write_text, save_config, write_safetensors_streaming
+from lit_llama.checkpoint import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    save_config,
+    write_safetensors_streaming,
+)
 from lit_llama.convert_hf import lit_shapes
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import HF_TOKENIZER_NAME, TOKENIZER_NAME
@@ -524,12 +527,7 @@ def convert_gguf(
 
     shapes = lit_shapes(config)
     specs = {name: (out_dtype, shape) for name, shape in shapes.items()}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a 0700 folder; give the final one normal permissions
+    with atomic_dir(output_dir) as tmp:
         stream = tqdm(gguf_to_lit_tensors(get, config), total=len(shapes), desc="Converting", unit="tensor", disable=not progress)
         with atomic_path(tmp / WEIGHTS_NAME) as path:
             write_safetensors_streaming(
@@ -541,12 +539,7 @@ def convert_gguf(
                     path.write_bytes(content)
             else:
                 atomic_write_text(tmp / name, content)
-        save_config(config, tmp)  # last: a folder with lit_config.json is complete
-        assert (tmp / CONFIG_NAME).is_file()
-        os.rename(tmp, output_dir)  # atomic; replaces an empty folder, fails on a non-empty one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_config(config, tmp)
     return output_dir / WEIGHTS_NAME
 
 

@@ -182,6 +182,9 @@ def test_a_checkpoint_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     save_checkpoint(random_model("tiny"), tmp_path / "ckpt")
     save_checkpoint(random_model("tiny"), tmp_path / "ckpt")  # a re-save replaces its own checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder, not mkdtemp's 0700
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="holds other files"):
