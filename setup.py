@@ -22,8 +22,10 @@ setup(
         "jinja2>=3.1.6",  # checkpoints' chat templates, in its sandbox (already a dependency of torch; older ones had sandbox escapes)
     ],
     extras_require={
-        # transformers and peft are the references the tests compare against; matplotlib draws loss.png
-        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4", "matplotlib>=3.6"],
+        # transformers and peft are the references the tests compare against; matplotlib draws loss.png;
+        # bitsandbytes stores the quantized base that tests/test_qlora.py checks
+        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4", "matplotlib>=3.6", "bitsandbytes>=0.45"],
+        "qlora": ["bitsandbytes>=0.45"],  # finetune/lora.py --quantize nf4|nf4-dq|int8 (lit_llama/qlora.py); CPU support since 0.45
         "plot": ["matplotlib>=3.6"],  # loss.png beside every training run's metrics.csv
         "bench": ["transformers>=4.40", "peft>=0.10"],  # scripts/benchmark.py's reference implementation
         "all": ["huggingface_hub>=0.20", "matplotlib>=3.6", "transformers>=4.40", "peft>=0.10"],

@@ -40,6 +40,7 @@ from lit_llama.lora import (
     mark_only_lora_as_trainable,
 )
 from lit_llama.model import LLaMAConfig
+from lit_llama.qlora import QuantizeMode, load_quantized_lora_model
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
@@ -59,6 +60,7 @@ def main(
     seed: int = 1337,
     train: TrainConfig = TrainConfig(),
     lora: LoRAConfig = LoRAConfig(),
+    quantize: QuantizeMode = "none",
     save_embedding_layers: Literal["auto", "true", "false"] = "auto",
     sample_instruction: str = SAMPLE_INSTRUCTION,
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
@@ -83,6 +85,8 @@ def main(
             --lora.untie_embeddings, --lora.resize_vocab, --lora.pad_id). When the data was prepared with
             --special_tokens, resize_vocab defaults to the size they need and the embedding and head train in full
             (unless --lora.embedding adapts them).
+        quantize: QLoRA: store the frozen Block linears quantized by bitsandbytes (nf4, nf4-dq = nf4 with quantized
+            absmaxes, int8); the LoRA matrices, embedding and head stay float. One device only (howto/qlora.md).
         save_embedding_layers: auto saves embedding/head weights only when trained or grown; true always; false never.
         sample_instruction: The instruction answered after each validation to show progress.
         adapter_format: File format of the adapter.
@@ -93,6 +97,9 @@ def main(
     train.validate(devices)
     config = load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy
     check_strategy(strategy, accelerator, resume)
+    if quantize != "none" and (devices > 1 or strategy in ("fsdp", "deepspeed")):
+        raise ValueError(f"--quantize {quantize} trains on one device (its quantized weights are not sharded or "
+                         "replicated by --strategy); drop --devices/--strategy or --quantize")
     check_out_dir(out_dir)
     fabric = setup_fabric(accelerator, devices, precision, seed, strategy, activation_checkpointing, train.grad_clip)
     run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
@@ -113,6 +120,10 @@ def main(
         # On the meta device: FSDP materialises and shards it Block by Block in setup, then the
         # base weights are copied in. One dtype for all (FSDP flattens a Block's tensors into one).
         model, base_weights = build_sharded(fabric, checkpoint_dir, lambda c: build_lora_model(c, lora))
+    elif quantize != "none":  # read tensor by tensor, each Block linear quantized as it arrives
+        model = load_quantized_lora_model(checkpoint_dir, lora, quantize, weights_dtype(precision), fabric.device, config)
+        if precision == "bf16-true":
+            model = model.to(torch.bfloat16)  # the LoRA matrices, as without --quantize; quantized weights stay
     else:
         model = load_lora_model(checkpoint_dir, lora, dtype=weights_dtype(precision), device=fabric.device, config=config)
         if precision == "bf16-true":
@@ -140,7 +151,7 @@ def main(
                 write_adapter(tensors, path, adapter_metadata(lora, config, prompt_style, special_tokens=special_tokens))
         elif fabric.global_rank == 0:
             save_adapter(model.module if hasattr(model, "module") else model, path, lora, prompt_style=prompt_style,
-                         save_embedding_layers=save_embedding_layers, special_tokens=special_tokens)
+                         save_embedding_layers=save_embedding_layers, special_tokens=special_tokens, quantize=quantize)
         fabric.print(f"Saved adapter to {path}")
         fabric.barrier()
 

@@ -24,6 +24,7 @@ from lit_llama.generation import generate
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
+from lit_llama.qlora import match_training_base_
 from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
 from lit_llama.tokenizer import Tokenizer
 
@@ -76,6 +77,7 @@ def main(
     # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
     pack = packs_weights(device, compile, 1)  # loaded unmapped if packed, as in base.py
     model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=not pack)
+    match_training_base_(model, meta.quantize)  # trained with --quantize: the dequantized base it was trained on
     copy_adapter_(model, adapter, meta, lora_path.name)
     model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s; prompt style: {describe_style(style)}",

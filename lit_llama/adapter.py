@@ -39,6 +39,7 @@ from lit_llama.lora import (
     lora_state_dict,
 )
 from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.qlora import QUANTIZE_MODES
 
 # The config fields that decide the base weights' shapes: an adapter fits a base iff these match.
 SHAPE_FIELDS = (
@@ -74,6 +75,7 @@ class AdapterMeta:
     base_config: dict[str, Any] | None = None
     embedding_layers: tuple[str, ...] = ()
     special_tokens: tuple[str, ...] = ()  # tokens added to the tokenizer, in id order (lit_llama/tokenizer.py)
+    quantize: str = "none"  # how the frozen base was stored in training (lit_llama/qlora.py); older files: none
 
 
 def adapter_tensors(
@@ -114,11 +116,12 @@ def adapter_tensors(
 
 def adapter_metadata(
     lora: LoRAConfig, base_config: LLaMAConfig, prompt_style: str | None = None, embedding_layers: tuple[str, ...] = (),
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] = (), quantize: str = "none",
 ) -> dict[str, str]:
     """The strings an adapter file stores about itself (its safetensors header). The LoRAConfig is
     one JSON document of all its fields, read back by `LoRAConfig(**...)`: a new field needs no code
-    here. The v2 summary strings beside it (r, alpha, targets, ...) are for readers of older versions."""
+    here. The v2 summary strings beside it (r, alpha, targets, ...) are for readers of older versions.
+    `quantize`: the mode the frozen base was quantized with in training (nf4, nf4-dq, int8; none)."""
     ranks = {name: rank for name, rank in zip(TARGETS, lora.slice_ranks) if rank and rank != lora.r}
     return {
         "format": ADAPTER_FORMAT,
@@ -137,6 +140,7 @@ def adapter_metadata(
         "prompt_style": prompt_style or "",
         "base_fingerprint": base_fingerprint(base_config),
         "base_config": json.dumps(base_shape(base_config), sort_keys=True),
+        "quantize": quantize,
     }
 
 
@@ -169,12 +173,15 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def save_adapter(
     model: LLaMA, path: Path | str, lora: LoRAConfig, base_config: LLaMAConfig | None = None,
     prompt_style: str | None = None, save_embedding_layers: SaveEmbeddingLayers | bool = "auto",
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] = (), quantize: str | None = None,
 ) -> Path:
     """Write what was trained (`adapter_tensors`) and what is needed to use it (r, alpha, dropout,
     targets, ranks, embedding options, prompt style, the base's fingerprint) to a .safetensors file
     (metadata in its header) or a .pth file ({"lora": tensors, "meta": dict}). `base_config`
-    defaults to `model.config` (the base checkpoint's config, also after untying or resizing)."""
+    defaults to `model.config` (the base checkpoint's config, also after untying or resizing);
+    `quantize` records how the frozen base was quantized (default: the model's `quantize_mode`, set by
+    lit_llama/qlora.py, else none)."""
+    quantize = quantize or getattr(model, "quantize_mode", "none")
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"adapter path {str(path)!r} must end in .safetensors or .pth")
@@ -188,7 +195,7 @@ def save_adapter(
         )
     tensors = adapter_tensors(model, lora, save_embedding_layers)
     embedding_layers = tuple(k for k in tensors if not is_lora_key(k))
-    meta = adapter_metadata(lora, base_config or model.config, prompt_style, embedding_layers, special_tokens)
+    meta = adapter_metadata(lora, base_config or model.config, prompt_style, embedding_layers, special_tokens, quantize)
     return write_adapter(tensors, path, meta)
 
 
@@ -200,10 +207,13 @@ def _meta_from_strings(meta: dict[str, str], path: Path) -> AdapterMeta:
         special = tuple(json.loads(meta["special_tokens"])) if meta.get("special_tokens") else ()
         if not all(isinstance(t, str) for t in special):
             raise TypeError("special_tokens is not a list of strings")
+        quantize = meta.get("quantize") or "none"  # files written before QLoRA: a float base
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantize mode {quantize!r}")
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path} has broken adapter metadata ({type(e).__name__}: {e}); save the adapter again") from None
     return AdapterMeta(lora, meta.get("prompt_style") or None, meta.get("base_fingerprint") or None, base_config, layers,
-                       special)
+                       special, quantize)
 
 
 def _lora_from_json(document: str) -> LoRAConfig:

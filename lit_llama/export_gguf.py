@@ -42,6 +42,7 @@ from lit_llama.convert_hf import lit_shapes
 from lit_llama.hf_tokenizer_export import checkpoint_chat_template, proto_fields, sentencepiece_settings
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.model import LLaMAConfig
+from lit_llama.qlora import match_training_base_
 from lit_llama.tokenizer import HFTokenizer, Tokenizer
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
@@ -344,6 +345,7 @@ def export_checkpoint(
     else:
         adapter, meta = load_adapter(lora_path)
         model = load_lora_model(checkpoint_dir, meta.lora, dtype=torch.float32, config=config)
+        match_training_base_(model, meta.quantize)  # trained with --quantize: merged into the dequantized base
         copy_adapter_(model, adapter, meta, Path(lora_path).name)
         merged = merged_model(model)
         config, special = merged.config, tuple(meta.special_tokens)

@@ -244,8 +244,12 @@ class MergedLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x, the frozen base layer's output (lit_llama/qlora.py computes it from a quantized W)."""
+        return F.linear(x, self.weight)  # (B, T, out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (B, T, out)
+        y = self.frozen_forward(x)  # (B, T, out)
         if self.merged:
             return y
         # The LoRA path runs in the LoRA parameters' dtype (fp32 LoRA on a bf16 base keeps small

@@ -5,7 +5,9 @@
 
 The result loads with generate/base.py and converts with scripts/convert_lit_checkpoint.py like any
 other checkpoint. The base is memory-mapped and merged in fp32 one layer at a time, then cast back
-to the base's dtype, so peak memory stays near one copy of the model.
+to the base's dtype, so peak memory stays near one copy of the model. An adapter trained on a
+quantized base (finetune/lora.py --quantize) is merged into that base, dequantized: the frozen
+weights are rounded as they were in training (stderr says by how much); the checkpoint is not changed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lit_llama.adapter import copy_adapter_, load_adapter
 from lit_llama.checkpoint import load_config, save_checkpoint
 from lit_llama.cli import run
 from lit_llama.lora import load_lora_model, merged_model
+from lit_llama.qlora import match_training_base_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +48,7 @@ def main(
     adapter, meta = load_adapter(lora_path)  # read once: the tensors are copied in below
     t0 = time.perf_counter()
     model = load_lora_model(checkpoint_dir, meta.lora, config=config)
+    match_training_base_(model, meta.quantize)  # an adapter trained with --quantize: the base it saw (stderr says so)
     copy_adapter_(model, adapter, meta, lora_path.name)
     base_dtype = model.lm_head.weight.dtype
     # W += scaling * B A in fp32, cast back to W's dtype; a plain LLaMA takes the merged tensors by
