@@ -22,9 +22,11 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import (
+    CHECKPOINT_FILES,
     TOKENIZER_NAME,
     atomic_copy,
     atomic_path,
+    check_output_dir,
     open_weights,
     save_config,
     save_weights,
@@ -99,6 +101,7 @@ def main(
         dtype: Store the weights in this dtype (default: the dtype of the input weights).
         format: safetensors (streamed, one tensor in memory at a time) or pth (holds the whole model in memory).
     """
+    check_output_dir(output_dir, (*CHECKPOINT_FILES, ".*.tmp"))
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(
             f"checkpoint directory {str(checkpoint_dir)!r} does not exist; download one with "
