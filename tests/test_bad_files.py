@@ -193,6 +193,12 @@ def env(tmp_path_factory) -> SimpleNamespace:
     shutil.copyfile(e.base / "lit_model.safetensors", e.weights_copy)
     e.hf_export = t / "hf_export"
     assert run_main("scripts/convert_lit_checkpoint.py", ["--checkpoint_dir", str(e.base), "--output_dir", str(e.hf_export)]).code == 0
+    e.hf_config_latin1 = variant(e, e.hf_export, "hf_config_latin1", "config.json", b'{"model_type": "llama\xe9"}')
+    e.hf_index_no_map = variant(e, e.hf_export, "hf_index_no_map", "model.safetensors.index.json", {"metadata": {}})
+    e.meta = t / "meta"  # Meta's layout (params.json, consolidated.00.pth)
+    assert run_main("scripts/slice_checkpoint.py", ["--checkpoint_dir", str(e.base), "--output_dir", str(e.meta),
+                                                    "--shards", "1"]).code == 0
+    e.meta_params_latin1 = variant(e, e.meta, "meta_params_latin1", "params.json", b'{"dim": "\xe9"}')
     return e
 
 
@@ -285,6 +291,12 @@ CASES: dict[str, Case] = {
     "generation_config.json invalid JSON": prepare_json("gencfg_invalid", "generation_config.json' is not valid JSON"),
     "generation_config.json not UTF-8": prepare_json("gencfg_latin1", "generation_config.json' is not UTF-8"),
     "generation_config.json a number": prepare_json("gencfg_number", "generation_config.json' holds a number"),
+    "HF config.json not UTF-8": output_dir("scripts/convert_hf_checkpoint.py", lambda e, o: o, "config.json' is not UTF-8",
+                                           source="hf_config_latin1"),
+    "HF index without weight_map": output_dir("scripts/convert_hf_checkpoint.py", lambda e, o: o, "has no weight_map",
+                                              source="hf_index_no_map"),
+    "Meta params.json not UTF-8": output_dir("scripts/convert_checkpoint.py", lambda e, o: o, "params.json' is not UTF-8",
+                                             source="meta_params_latin1"),
     "prepare_text_meta.json invalid JSON": pretrain("meta_invalid", "prepare_text_meta.json' is not valid JSON"),
     # 3. inspect_adapter.py and convert_lora_to_peft.py with a bad base
     "inspect_adapter: base config broken": inspect(lambda e: e.config_invalid, "lit_config.json' is not valid JSON"),
