@@ -102,3 +102,12 @@ def test_a_nan_is_reported_with_the_tensor_name(tmp_path):
 def test_the_script_says_ok_for_an_intact_checkpoint(checkpoint):
     code, err = run_script([str(checkpoint)])
     assert code == 0 and "checksum matches" in err, err
+
+
+def test_large_finite_weights_whose_sum_overflows_pass(tmp_path):
+    model = LLaMA(CONFIG)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(3e38)  # finite, but 32 of them sum past float32's 3.4e38
+    assert torch.isinf(model.transformer.ln_f.weight.sum()) and torch.isfinite(model.transformer.ln_f.weight).all()
+    save_checkpoint(model, tmp_path / "big")
+    assert verify_checkpoint(tmp_path / "big")["checksum"] == "matches"
