@@ -150,6 +150,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], path: Path | str, meta: dict
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"adapter path {str(path)!r} must end in .safetensors or .pth")
+    check_replaceable(path)
     meta = {**meta, "tensors_sha256": tensors_sha256(tensors)}
     if path.suffix == ".safetensors":
         save_weights(tensors, path, metadata=meta)
@@ -157,6 +158,20 @@ def write_adapter(tensors: dict[str, torch.Tensor], path: Path | str, meta: dict
         with atomic_path(path) as tmp:
             torch.save({"lora": {k: v.contiguous() for k, v in tensors.items()}, "meta": meta}, tmp)
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """An existing .safetensors file is replaced only if it is a lit_llama adapter (a rerun writing its
+    result again): a base model's weights or any other file passed by mistake is never overwritten."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        with safe_open(path, "pt") as f:
+            ours = str((f.metadata() or {}).get("format", "")).startswith("lit_llama.lora")
+    except Exception:  # not a safetensors file at all
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{str(path)!r} exists and is not a lit_llama adapter; it is not overwritten")
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

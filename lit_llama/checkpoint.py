@@ -4,6 +4,9 @@ A checkpoint is a self-describing directory:
     lit_config.json                           the LLaMAConfig
     lit_model.safetensors | lit_model.pth     the weights (tied models store wte only, not lm_head)
     tokenizer.model                           the SentencePiece model, when one was given
+    checksums.sha256                          the weights file's sha256 (`sha256sum -c` format), written by
+                                              save_checkpoint; `verify_checkpoint` (scripts/verify_checkpoint.py)
+                                              checks it and that every tensor is finite
 
 Reading is always safe (safetensors, or torch.load with weights_only=True) and memory-mapped, into
 a model built on the meta device, so a model is never held twice in memory. Every write goes to a
@@ -14,6 +17,9 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
+import hashlib
 import json
 import os
 import pickle
@@ -28,11 +34,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lit_llama.json_file import read_json
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import HF_TOKENIZER_FILES, SPECIAL_TOKENS_NAME, TOKENIZER_NAME
 
 CONFIG_NAME = "lit_config.json"
 WEIGHT_NAMES = ("lit_model.safetensors", "lit_model.pth")
+CHECKSUMS_NAME = "checksums.sha256"
 
 
 class CheckpointError(ValueError):
@@ -45,7 +53,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`.
     On any error (Ctrl-C included) the temporary file is removed and `path` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))  # before the OS names the temporary file
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -60,6 +70,34 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_folder(folder: Path | str) -> None:
+    """`folder.mkdir(parents=True, exist_ok=True)`, with a file in the way said as such (the OS says
+    "File exists" about the file, which reads as if the output itself existed)."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise NotADirectoryError(f"{str(p)!r} is a file, so nothing can be written inside it")
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_output_dir(path: Path | str, own_files: Sequence[str]) -> None:
+    """A one-line error, before anything is written, unless `path` is new, empty, or holds nothing but
+    files matching `own_files` (names or glob patterns of what this writer writes: a rerun replaces
+    them). A file at `path`, a symlink or a folder of other files is never written into."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        make_folder(path.parent)
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} exists and is not a folder; pass a new folder (nothing was written)")
+    foreign = sorted(n for n in os.listdir(path) if not any(fnmatch.fnmatchcase(n, pattern) for pattern in own_files))
+    if foreign:
+        raise CheckpointError(f"{str(path)!r} exists and holds other files than this script writes ({foreign[0]!r}, ...); "
+                              "pass a new folder (nothing was written)")
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -96,20 +134,22 @@ def model_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
 
 # What save_checkpoint may write into a folder; a folder holding anything else is not replaced.
 TOKENIZER_FILES = (TOKENIZER_NAME, SPECIAL_TOKENS_NAME, *HF_TOKENIZER_FILES)
-CHECKPOINT_FILES = {CONFIG_NAME, *WEIGHT_NAMES, *TOKENIZER_FILES}
+CHECKPOINT_FILES = {CONFIG_NAME, *WEIGHT_NAMES, CHECKSUMS_NAME, *TOKENIZER_FILES}
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
+def atomic_dir(path: Path | str, own_files: Sequence[str] = tuple(CHECKPOINT_FILES), what: str = "a checkpoint's",
+               ) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it takes `path`'s name, so the folder
     appears there whole or not at all. An existing folder at `path` is replaced only if it holds
-    nothing but checkpoint files (a resumed run saving its result again); otherwise a one-line
-    error, before anything is written. On any error the temporary folder is removed."""
+    nothing but `own_files` (a checkpoint's: a resumed run saving its result again); otherwise a
+    one-line error, before anything is written (`check_output_dir`). On any error the temporary
+    folder is removed."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or path.is_symlink() or set(os.listdir(path)) - CHECKPOINT_FILES):
-        raise CheckpointError(f"{str(path)!r} exists and holds other files than a checkpoint's; "
+    if path.exists() and (not path.is_dir() or path.is_symlink() or set(os.listdir(path)) - set(own_files)):
+        raise CheckpointError(f"{str(path)!r} exists and holds other files than {what}; "
                               "pass a new folder (nothing was written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         umask = os.umask(0)
@@ -143,6 +183,8 @@ def save_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     with atomic_dir(checkpoint_dir) as tmp:
         save_weights(model_state_dict(model), tmp / weights_name)
+        # Read back once (at disk speed, from the page cache): the checksum is of the bytes on disk.
+        (tmp / CHECKSUMS_NAME).write_text(f"{file_sha256(tmp / weights_name)}  {weights_name}\n")
         save_config(model.config, tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
@@ -153,6 +195,15 @@ def save_checkpoint(
         if special_tokens:
             (tmp / SPECIAL_TOKENS_NAME).write_text(json.dumps(list(special_tokens)) + "\n")
     return checkpoint_dir / weights_name
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file, read in 16 MiB chunks (a checkpoint larger than RAM costs no memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 _ST_DTYPES = {
@@ -233,10 +284,11 @@ def load_config(checkpoint_dir: Path | str) -> LLaMAConfig:
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {str(checkpoint_dir)!r}; is this a directory written by lit_llama?")
+    fields = read_json(path, remedy="convert the checkpoint again")
     try:
-        return LLaMAConfig(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid LLaMA config ({e})") from None
+        return LLaMAConfig(**fields)
+    except (TypeError, ValueError) as e:  # an unknown field, or a value LLaMAConfig refuses
+        raise CheckpointError(f"{path} is not a valid LLaMA config ({e}); convert the checkpoint again") from None
 
 
 def runs_code_if_loaded(e: Exception) -> bool:
@@ -354,3 +406,41 @@ def load_model(
         model = model_fn(config)
     load_into(model, state_dict, allowed_missing, dtype)
     return model.eval()
+
+
+def read_checksums(checkpoint_dir: Path | str) -> dict[str, str]:
+    """checksums.sha256 as {file name: sha256}; {} when the checkpoint has none (converted, or older)."""
+    path = Path(checkpoint_dir) / CHECKSUMS_NAME
+    if not path.is_file():
+        return {}
+    sums = {}
+    for line in path.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise CheckpointError(f"{path} is not in sha256sum's format ('<sha256>  <file>' per line); save the checkpoint again")
+        sums[name] = digest
+    return sums
+
+
+def verify_checkpoint(checkpoint_dir: Path | str) -> dict[str, object]:
+    """Check a checkpoint's weights against checksums.sha256 (when it has one) and that every floating
+    tensor is finite, one tensor in memory at a time; a CheckpointError names the damaged file or the
+    tensor with NaN/inf. Returns what was checked: tensors, bytes, whether a checksum was compared."""
+    weights = find_weights(checkpoint_dir)
+    recorded = read_checksums(checkpoint_dir).get(weights.name)
+    if recorded is not None and file_sha256(weights) != recorded:
+        raise CheckpointError(f"{weights} fails its checksum: its bytes changed since it was saved (a damaged copy or "
+                              "disk); copy or convert the checkpoint again")
+    names, get = open_weights(weights)
+    for name in names:
+        try:
+            t = get(name)
+        except Exception as e:  # a header that promises more bytes than the file holds
+            raise _unreadable(weights, e) from None
+        # A NaN or inf anywhere makes the sum non-finite; a finite sum clears the tensor at the cost of one
+        # read (an elementwise check costs a mask as big as the tensor). A sum that overflows is checked again.
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{weights} holds non-finite values (NaN or inf) in {name}: the training that wrote it "
+                                  "diverged; use an earlier checkpoint")
+    return {"weights": str(weights), "tensors": len(names), "bytes": weights.stat().st_size,
+            "checksum": "matches" if recorded is not None else "none recorded"}

@@ -40,6 +40,7 @@ from lit_llama.checkpoint import atomic_path, find_weights, load_config, open_we
 from lit_llama.convert_gguf import BPE_PRE_TOKENIZERS, ROPE_FREQS, gguf_names_for, llama3_rope_divisors
 from lit_llama.convert_hf import lit_shapes
 from lit_llama.hf_tokenizer_export import checkpoint_chat_template, proto_fields, sentencepiece_settings
+from lit_llama.json_file import read_json
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.model import LLaMAConfig
 from lit_llama.qlora import match_training_base_
@@ -217,7 +218,7 @@ def add_bpe_tokenizer(writer: gguf.GGUFWriter, tokenizer: HFTokenizer, rows: int
     first = backend.pre_tokenizer.pre_tokenize_str("a")[0][0] if backend.pre_tokenizer is not None else "a"
     writer.add_add_space_prefix(first.startswith("\u0120"))  # ByteLevel(add_prefix_space=True) writes "Ġa"
     config_path = tokenizer.path.parent / "tokenizer_config.json"
-    unk = json.loads(config_path.read_text(encoding="utf-8")).get("unk_token") if config_path.is_file() else None
+    unk = read_json(config_path, remedy="fix or remove it").get("unk_token") if config_path.is_file() else None
     unk = unk.get("content") if isinstance(unk, dict) else unk
     _add_special_ids(writer, tokenizer.bos_id, tokenizer.eos_id, backend.token_to_id(unk) if unk else None, tokenizer.pad_id)
     writer.add_add_bos_token(bool(tokenizer.add_bos))

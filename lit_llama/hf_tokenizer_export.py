@@ -48,6 +48,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, processors
 from tokenizers.models import BPE
 
 from lit_llama.checkpoint import atomic_copy, atomic_write_text
+from lit_llama.json_file import read_json
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import (
     HF_TOKENIZER_FILES,
@@ -209,7 +210,7 @@ def checkpoint_chat_template(checkpoint_dir: Path) -> str | None:
     chat_template.jinja, e.g. from a Hugging Face chat model's folder), else None."""
     config_path = checkpoint_dir / "tokenizer_config.json"
     if config_path.is_file():
-        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+        template = read_json(config_path, remedy="fix or remove it").get("chat_template")
         if isinstance(template, str):
             return template
     jinja = checkpoint_dir / "chat_template.jinja"

@@ -135,13 +135,53 @@ def peft_to_lora(
     tensors: dict[str, torch.Tensor], adapter_config: dict[str, Any], config: LLaMAConfig,
 ) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
     """A PEFT LoRA adapter of the Hugging Face twin of `config` -> our tensors and LoRAConfig
-    (the inverse of `lora_to_peft`). Raises ValueError for what our LoRA cannot express exactly."""
+    (the inverse of `lora_to_peft`). Raises ValueError for what our LoRA cannot express exactly, and
+    for a config or tensors that are broken (wrong types, NaN or inf)."""
+    check_peft_config_types(adapter_config)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"the PEFT adapter's {name} is a {type(t).__name__}, not a tensor; is it a PEFT adapter?")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the PEFT adapter holds non-finite values (NaN or inf) in {name}: the training that wrote it "
+                             "diverged; use an earlier checkpoint of it")
     targets, saved, tie = _check_peft_config(adapter_config, config)
     sd = _strip_peft_names(tensors)
     lora = _lora_config_from_peft(adapter_config, config, targets, saved, tie, sd)
     out = _lit_tensors(sd, lora, config, saved, tie)
     check_adapter_shapes(out, lora, config, "the PEFT adapter")
     return out, lora
+
+
+# adapter_config.json's fields this converter reads, and the JSON types each may have.
+_NUMBER = (int, float)
+_PEFT_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,), "r": (int,), "lora_alpha": _NUMBER, "lora_dropout": _NUMBER, "target_modules": (list, str),
+    "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,), "bias": (str,),
+    "ensure_weight_tying": (bool,), "use_dora": (bool,), "use_rslora": (bool,), "fan_in_fan_out": (bool,),
+}
+
+
+def check_peft_config_types(adapter_config: object) -> None:
+    """A one-line error for an adapter_config.json field of the wrong JSON type (null means "not set")."""
+    if not isinstance(adapter_config, dict):
+        raise ValueError(f"adapter_config.json holds a {type(adapter_config).__name__}, not an object; is it PEFT's?")
+    for key, types in _PEFT_FIELD_TYPES.items():
+        value = adapter_config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join({"int": "an integer", "float": "a number", "list": "a list", "str": "a string",
+                                 "dict": "an object", "bool": "true/false"}[t.__name__] for t in types)
+            raise ValueError(f"adapter_config.json's {key} is {value!r}; it must be {names}")
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(adapter_config.get(key), list) and not all(isinstance(m, str) for m in adapter_config[key]):
+            raise ValueError(f"adapter_config.json's {key} must list module names as strings, got {adapter_config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = adapter_config.get(key) or {}
+        if not all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in pattern.values()):
+            raise ValueError(f"adapter_config.json's {key} must map module names to numbers, got {pattern!r}")
+    if adapter_config.get("r") is not None and adapter_config["r"] < 1:
+        raise ValueError(f"adapter_config.json's r is {adapter_config['r']}; it must be a positive integer")
 
 
 def _check_peft_config(adapter_config: dict[str, Any], config: LLaMAConfig) -> tuple[set[str], set[str], bool]:
@@ -272,7 +312,8 @@ def _lit_tensors(
         for name, heads, n_rows, rank, _, b0 in layout:
             B_s = parts[f"{PEFT_SHORT_NAMES[name][0]}.lora_B"]  # (rows, r_s)
             if tuple(B_s.shape) != (n_rows, rank):
-                raise ValueError(f"{hf_attn}.{PEFT_SHORT_NAMES[name][0]}.lora_B is {tuple(B_s.shape)}, expected {(n_rows, rank)}")
+                raise ValueError(f"{hf_attn}.{PEFT_SHORT_NAMES[name][0]}.lora_B is {tuple(B_s.shape)}, expected {(n_rows, rank)}; "
+                                 "is --checkpoint_dir the base model the adapter was trained on?")
             B[b0:b0 + n_rows, :rank] = B_s if name == "value" else hf_to_meta_rows(B_s, heads)
         c_attn = _lit_module(hf_attn + ".q_proj")  # transformer.h.{i}.attn.c_attn
         out[f"{c_attn}.lora_A"], out[f"{c_attn}.lora_B"] = A, B

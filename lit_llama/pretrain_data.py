@@ -13,13 +13,14 @@ labels are its input_ids; `lit_llama.training.next_token_loss` does the shift.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from lit_llama.json_file import read_json
 
 META_NAME = "prepare_text_meta.json"
 SPLITS = ("train", "val")
@@ -42,14 +43,16 @@ def read_meta(data_dir: Path | str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {META_NAME} in {str(data_dir)!r}; prepare the folder with scripts/prepare_text.py first"
         )
-    meta = json.loads(path.read_text())
+    meta = read_json(path, remedy="prepare the data again with scripts/prepare_text.py")
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} was not written by scripts/prepare_text.py; prepare the data again")
     return meta
 
 
-def load_tokens(path: Path | str, dtype: np.dtype | str) -> np.ndarray:
-    """A token file as a read-only memory map (1-D), so a corpus larger than RAM costs nothing to open."""
+def load_tokens(path: Path | str, dtype: np.dtype | str, vocab_size: int | None = None) -> np.ndarray:
+    """A token file as a read-only memory map (1-D), so a corpus larger than RAM costs nothing to open.
+    With `vocab_size`, every id is checked to be a row of the model's embedding (one pass over the
+    file, at disk speed): an id outside it would be an IndexError in the middle of training."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist; run scripts/prepare_text.py first")
@@ -58,7 +61,21 @@ def load_tokens(path: Path | str, dtype: np.dtype | str) -> np.ndarray:
         raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {dtype} ids; prepare it again")
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, path)
+    return tokens
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path | str) -> None:
+    """A one-line error when a token id is outside 0..vocab_size-1."""
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(
+            f"{path} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids (0..{vocab_size - 1}); "
+            "it was made with another tokenizer or is damaged: prepare the data again with scripts/prepare_text.py"
+        )
 
 
 class PretrainDataset(Dataset):
@@ -92,11 +109,12 @@ class PretrainDataset(Dataset):
     @classmethod
     def from_dir(
         cls, data_dir: Path | str, split: str, block_size: int, sampling: Literal["strided", "random"] = "strided",
-        seed: int = 0,
+        seed: int = 0, vocab_size: int | None = None,
     ) -> PretrainDataset:
-        """The `split` ("train" or "val") of a folder prepared by scripts/prepare_text.py."""
+        """The `split` ("train" or "val") of a folder prepared by scripts/prepare_text.py; with `vocab_size`,
+        its ids are checked against the model's vocabulary first (`load_tokens`)."""
         meta = read_meta(data_dir)
-        return cls(load_tokens(token_path(data_dir, split), meta["dtype"]), block_size, sampling, seed)
+        return cls(load_tokens(token_path(data_dir, split), meta["dtype"], vocab_size), block_size, sampling, seed)
 
     def __len__(self) -> int:
         return len(self.tokens) // self.block_size

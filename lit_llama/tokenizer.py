@@ -9,7 +9,6 @@ folder holds.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from pathlib import Path
 import tokenizers
 import torch
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+
+from lit_llama.json_file import read_json
 
 TOKENIZER_NAME = "tokenizer.model"  # a checkpoint directory's SentencePiece model
 SPECIAL_TOKENS_NAME = "special_tokens.json"  # beside tokenizer.model in a checkpoint with a grown vocabulary
@@ -161,7 +162,7 @@ class Tokenizer:
         """
         checkpoint_dir = Path(checkpoint_dir)
         extra = checkpoint_dir / SPECIAL_TOKENS_NAME
-        special = json.loads(extra.read_text()) if extra.is_file() else list(special_tokens)
+        special = read_special_tokens(extra) if extra.is_file() else list(special_tokens)
         if tokenizer_path is not None:
             tokenizer_path = Path(tokenizer_path)
             if tokenizer_path.suffix == ".json":
@@ -206,13 +207,15 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); fix or remove it") from None
-    return data if isinstance(data, dict) else {}
+    return read_json(path, remedy="fix or remove it") if path.is_file() else {}
+
+
+def read_special_tokens(path: Path) -> list[str]:
+    """special_tokens.json: a list of token strings (scripts/merge_lora.py writes it)."""
+    tokens = read_json(path, expect=list, remedy="merge the adapter again or remove the file")
+    if not all(isinstance(t, str) and t for t in tokens):
+        raise ValueError(f"{str(path)!r} must list the special tokens as non-empty strings; merge the adapter again or remove the file")
+    return tokens
 
 
 def _token_content(token: object) -> str | None:
@@ -281,7 +284,7 @@ class HFTokenizer(Tokenizer):
         special_map = _read_json(folder / "special_tokens_map.json")
         generation = _read_json(folder / "generation_config.json")
         model_config = _read_json(folder / "config.json")
-        self._add_config_tokens(config.get("added_tokens_decoder") or {})
+        self._add_config_tokens(config.get("added_tokens_decoder") or {}, folder / "tokenizer_config.json")
 
         def token_id(key: str) -> int | None:
             content = _token_content(config.get(key)) or _token_content(special_map.get(key))
@@ -327,8 +330,11 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"special tokens {list(self.special_tokens)} did not get the ids after the vocabulary "
                              f"({base}, ...) but {list(self.special_ids.values())}")
 
-    def _add_config_tokens(self, added: dict) -> None:
+    def _add_config_tokens(self, added: object, config_path: Path) -> None:
         """Add the tokens of tokenizer_config.json's added_tokens_decoder that tokenizer.json lacks."""
+        if not (isinstance(added, dict) and all(k.isdigit() and isinstance(v, dict) for k, v in added.items())):
+            raise ValueError(f"added_tokens_decoder in {str(config_path)!r} must map token ids (\"128000\") to token "
+                             "objects ({\"content\": ...}); fix or remove the file")
         for key, entry in sorted(added.items(), key=lambda kv: int(kv[0])):
             content, want = _token_content(entry), int(key)
             if content is None:

@@ -110,8 +110,9 @@ def main(
     fabric = setup_fabric(accelerator, devices, precision, seed)
     run_lock = claim_out_dir(out_dir, hparams, resume, overwrite) if fabric.global_rank == 0 else None  # noqa: F841
     # Each rank draws its own random offsets; the sampler only orders (and shards) the block indices.
-    train_set = PretrainDataset.from_dir(data_dir, "train", config.block_size, sampling, seed=seed + fabric.global_rank)
-    val_set = PretrainDataset.from_dir(data_dir, "val", config.block_size, "strided")
+    train_set = PretrainDataset.from_dir(data_dir, "train", config.block_size, sampling, seed=seed + fabric.global_rank,
+                                         vocab_size=config.vocab_size)
+    val_set = PretrainDataset.from_dir(data_dir, "val", config.block_size, "strided", vocab_size=config.vocab_size)
     train_loader = resumable_dataloader(fabric, train_set, train.micro_batch_size, shuffle=sampling == "strided", seed=seed)
     val_loader = fabric.setup_dataloaders(DataLoader(val_set, batch_size=train.micro_batch_size, shuffle=False))
 

@@ -9,7 +9,6 @@ stays near the largest single tensor, whatever the model size.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ from lit_llama.convert_meta import (
     name_plan,
     validate_shards,
 )
+from lit_llama.json_file import read_json
 from lit_llama.runtime import peak_memory_mib
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,10 +91,7 @@ def main(
     t0 = time.perf_counter()
     shard_paths = find_shards(checkpoint_dir)
     tokenizer = find_tokenizer(checkpoint_dir, tokenizer_path)
-    try:
-        params = json.loads((checkpoint_dir / "params.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{checkpoint_dir / 'params.json'} is not valid JSON ({e})") from None
+    params = read_json(checkpoint_dir / "params.json", remedy="download the model again")
 
     # A first pass over the (memory-mapped) shards reads only their headers: names and shapes.
     shards = [load_weights(p) for p in shard_paths]

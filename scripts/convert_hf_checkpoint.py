@@ -11,7 +11,6 @@ safetensors output, peak memory stays near one input shard plus the tensor being
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import OrderedDict
@@ -22,9 +21,11 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import (
+    CHECKPOINT_FILES,
     TOKENIZER_NAME,
     atomic_copy,
     atomic_path,
+    check_output_dir,
     open_weights,
     save_config,
     save_weights,
@@ -32,6 +33,7 @@ from lit_llama.checkpoint import (
 )
 from lit_llama.cli import run
 from lit_llama.convert_hf import IGNORED_HF, config_from_hf, hf_shapes, hf_to_lit_state_dict, lit_shapes
+from lit_llama.json_file import read_json
 from lit_llama.tokenizer import HF_TOKENIZER_FILES, HF_TOKENIZER_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +75,10 @@ def find_weight_map(checkpoint_dir: Path) -> dict[str, str]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = checkpoint_dir / index_name
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
+            weight_map = read_json(index, remedy="download the model again").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map object (tensor name -> file); download the model again")
+            return dict(weight_map)
     files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(checkpoint_dir.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(
@@ -99,6 +104,7 @@ def main(
         dtype: Store the weights in this dtype (default: the dtype of the input weights).
         format: safetensors (streamed, one tensor in memory at a time) or pth (holds the whole model in memory).
     """
+    check_output_dir(output_dir, (*CHECKPOINT_FILES, ".*.tmp"))
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(
             f"checkpoint directory {str(checkpoint_dir)!r} does not exist; download one with "
@@ -107,11 +113,7 @@ def main(
     config_path = checkpoint_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {checkpoint_dir}; pass a Hugging Face model folder")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    config = config_from_hf(hf_config)
+    config = config_from_hf(read_json(config_path, remedy="download the model again"))
     get = ShardReader(checkpoint_dir)
 
     # Fail before writing anything when a tensor is missing or something unknown is present.

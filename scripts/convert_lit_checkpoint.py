@@ -25,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import (
+    TOKENIZER_FILES,
     atomic_path,
     atomic_write_text,
+    check_output_dir,
     find_weights,
     load_config,
     open_weights,
@@ -35,6 +37,9 @@ from lit_llama.checkpoint import (
 from lit_llama.cli import run
 from lit_llama.convert_hf import config_to_hf, hf_shapes, lit_shapes, lit_to_hf_tensors
 from lit_llama.hf_tokenizer_export import write_hf_tokenizer
+
+# What this script writes into --output_dir (a rerun replaces them; a folder holding anything else is refused).
+HF_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, ".*.tmp")
 
 
 def lazy_reader(weights_path: Path):
@@ -56,6 +61,7 @@ def main(
         output_dir: Where to write config.json, model.safetensors, generation_config.json and the tokenizer
             files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model).
     """
+    check_output_dir(output_dir, HF_FILES)
     config = load_config(checkpoint_dir)  # both raise a one-line CheckpointError (a ValueError)
     weights_path = find_weights(checkpoint_dir)
     names, get = lazy_reader(weights_path)

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 from lit_llama.adapter import check_adapter_base, load_adapter
-from lit_llama.checkpoint import atomic_write_text, load_config, save_weights
+from lit_llama.checkpoint import atomic_dir, load_config, save_weights
 from lit_llama.cli import run
 from lit_llama.model import LLaMAConfig
 from lit_llama.peft_interop import lora_to_peft
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
 def main(
@@ -47,8 +49,10 @@ def main(
     tensors, adapter_config = lora_to_peft(state_dict, meta.lora, config, base_model_name_or_path)
     # transformers/PEFT expect format=pt; the prompt style rides along for the way back.
     metadata = {"format": "pt", "lit_llama.prompt_style": meta.prompt_style or ""}
-    save_weights(tensors, output_dir / "adapter_model.safetensors", metadata=metadata)
-    atomic_write_text(output_dir / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
+    # The two files appear together or not at all; a folder holding anything else is refused.
+    with atomic_dir(output_dir, PEFT_FILES, what="a PEFT adapter's") as tmp:
+        save_weights(tensors, tmp / "adapter_model.safetensors", metadata=metadata)
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     n = sum(t.numel() for t in tensors.values())
     print(
         f"Wrote {output_dir} ({len(tensors)} tensors, {n:,} parameters; targets {', '.join(adapter_config['target_modules'])})",

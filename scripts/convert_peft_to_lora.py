@@ -10,33 +10,39 @@ generate/lora.py and scripts/merge_lora.py like an adapter finetune/lora.py wrot
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from lit_llama.adapter import adapter_metadata, write_adapter
-from lit_llama.checkpoint import load_config
+from lit_llama.checkpoint import load_config, load_weights
 from lit_llama.cli import run
+from lit_llama.json_file import read_json
 from lit_llama.lora import is_lora_key
 from lit_llama.peft_interop import peft_to_lora
 
 
 def read_peft_dir(peft_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
-    """adapter_model.safetensors (or .bin, read with weights_only=True), adapter_config.json, metadata."""
+    """adapter_model.safetensors (or .bin, read with weights_only=True), adapter_config.json, metadata;
+    a damaged file, a pickle holding code and a config that is not a JSON object are one-line errors."""
+    if not peft_dir.is_dir():
+        raise NotADirectoryError(f"--peft_dir {str(peft_dir)!r} is not a folder; pass the folder PEFT's save_pretrained wrote")
     config_path = peft_dir / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no adapter_config.json in {str(peft_dir)!r}; pass the folder PEFT's save_pretrained wrote")
-    adapter_config = json.loads(config_path.read_text())
-    if (peft_dir / "adapter_model.safetensors").is_file():
-        with safe_open(peft_dir / "adapter_model.safetensors", "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(peft_dir / "adapter_model.safetensors"), adapter_config, metadata
-    if (peft_dir / "adapter_model.bin").is_file():
-        return torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True), adapter_config, {}
+    adapter_config = read_json(config_path, remedy="save the PEFT adapter again")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = peft_dir / name
+        if path.is_file():
+            tensors = load_weights(path, mmap=path.suffix == ".safetensors")  # safetensors, or weights_only=True
+            if not isinstance(tensors, dict):
+                raise ValueError(f"{path} holds a {type(tensors).__name__}, not a dict of tensors; is it a PEFT adapter?")
+            if path.suffix != ".safetensors":
+                return tensors, adapter_config, {}
+            with safe_open(path, "pt") as f:
+                return tensors, adapter_config, f.metadata() or {}
     raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {str(peft_dir)!r}")
 
 

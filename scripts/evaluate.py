@@ -47,7 +47,8 @@ def evaluate(
     model, meta = load_for_eval(checkpoint_dir, lora_path)
     result: dict[str, Any] = {"checkpoint_dir": str(checkpoint_dir), "lora_path": str(lora_path) if lora_path else None}
     if tokens_dir is not None:
-        tokens = torch.from_numpy(load_tokens(token_path(tokens_dir, split), read_meta(tokens_dir)["dtype"]).astype("int64"))
+        tokens = torch.from_numpy(load_tokens(token_path(tokens_dir, split), read_meta(tokens_dir)["dtype"],
+                                              model.config.vocab_size).astype("int64"))
         result["perplexity"] = perplexity(model, tokens, batch_size=batch_size)
     if instructions_file is not None:
         tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=meta.special_tokens if meta else ())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lit_llama.adapter import read_adapter_file
+from lit_llama.adapter import base_fingerprint, read_adapter_file
 from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
 from lit_llama.convert_hf import lit_shapes
@@ -39,8 +39,14 @@ def main(
     config: LLaMAConfig | None = None
     if checkpoint_dir is not None:
         config = load_config(checkpoint_dir)
+        if meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(config):
+            raise ValueError(f"{path.name} was trained for another base model than {str(checkpoint_dir)!r}; pass the base "
+                             "checkpoint it was finetuned from, or no --checkpoint_dir to use the base config it records")
     elif meta.get("base_config"):
-        config = LLaMAConfig(**json.loads(meta["base_config"]))
+        try:
+            config = LLaMAConfig(**json.loads(meta["base_config"]))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} has a broken base_config in its metadata ({e}); save the adapter again") from None
     base_shapes: dict[tuple[int, ...], list[str]] = {}
     for name, shape in (lit_shapes(config) if config else {}).items():
         base_shapes.setdefault(tuple(shape), []).append(name)

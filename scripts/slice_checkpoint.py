@@ -24,6 +24,7 @@ from lit_llama.checkpoint import (
     atomic_copy,
     atomic_path,
     atomic_write_text,
+    check_output_dir,
     find_weights,
     load_config,
     load_weights,
@@ -80,6 +81,7 @@ def main(
         output_dir: Where to write params.json, consolidated.00.pth .. consolidated.NN.pth and tokenizer.model.
         shards: How many model-parallel ranks to cut for; must divide n_head, n_kv_heads and every split size.
     """
+    check_output_dir(output_dir, ("params.json", "consolidated.*.pth", TOKENIZER_NAME, ".*.tmp"))
     t0 = time.perf_counter()
     config = load_config(checkpoint_dir)
     weights_path = find_weights(checkpoint_dir)
