@@ -10,6 +10,8 @@ weights). The weights are read one tensor at a time (lit_llama/convert_gguf.py's
   Q4_1's w = d * q + m is scale d, zero m + 8 d. So the model computes with the file's own values
   (in fp32 exactly; in bf16 the fp16 d and m round to bf16). Other types (Q8_0, K-quants, floats)
   and other group sizes are dequantized, then quantized to int4.
+- The head is int8 in both modes (lit_llama/weight_only.py says why); a tied head is quantized
+  from the dequantized embedding.
 - --quantize int8: every matrix dequantized, then quantized per output channel (Q8_0's scales
   are per 32 weights, which no per-channel int8 layout holds).
 """
@@ -36,7 +38,7 @@ from lit_llama.convert_gguf import (
 )
 from lit_llama.convert_hf import lit_shapes
 from lit_llama.model import LLaMA
-from lit_llama.weight_only import Int4Linear, QuantizeMode, check_quantize, quantized_layer
+from lit_llama.weight_only import Int4Linear, QuantizeMode, check_quantize, head_mode, quantized_layer
 
 Q = gguf.GGMLQuantizationType
 Q4_BLOCK = 32  # weights per Q4_0 / Q4_1 block: one int4 group
@@ -108,12 +110,13 @@ def load_gguf_model(
         module_name, _, param = lit_name.rpartition(".")
         module = model.get_submodule(module_name)
         if quantize != "none" and isinstance(module, torch.nn.Linear):
-            set_module(model, module_name, quantized_from_gguf(parts, quantize, group_size, dtype, device))
+            mode = head_mode(quantize) if module_name == "lm_head" else quantize
+            set_module(model, module_name, quantized_from_gguf(parts, mode, group_size, dtype, device))
             continue
         value = torch.cat([torch.from_numpy(dequantize(t)) for t in parts]).to(device)
         if lit_name == "transformer.wte.weight" and config.tie_embeddings and quantize != "none":
-            # The tied head: a quantized copy, from the dequantized embedding.
-            set_module(model, "lm_head", quantized_layer(value, quantize, group_size, dtype))
+            # The tied head: a quantized copy (int8, `head_mode`), from the dequantized embedding.
+            set_module(model, "lm_head", quantized_layer(value, head_mode(quantize), group_size, dtype))
         setattr(module, param, torch.nn.Parameter(value.to(dtype), requires_grad=False))
     if config.tie_embeddings and quantize == "none":
         model.tie_weights()

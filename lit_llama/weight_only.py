@@ -17,9 +17,11 @@ The int4 layout is the one of llama.cpp's Q4_0 (w = d * (q - 8): scale d, zero 0
 without a float round trip (lit_llama/gguf_model.py).
 
 `quantize_for_generation` turns a loaded float model into a quantized one, one layer at a time.
-The head: a tied head (SmolLM2, Llama 3.2) gets a quantized copy of the embedding, which stays
-float for the lookup; it is the largest matmul (49152 x 576 for SmolLM2, 21% of the weights), and
-quantizing it is most of the speed-up at batch 1 (howto/quantize.md).
+The head is quantized to int8 in both modes (`head_mode`): a tied head (SmolLM2, Llama 3.2) gets
+a quantized copy of the embedding, which stays float for the lookup. It is the largest matmul
+(49152 x 576 for SmolLM2, 21% of the weights), so a float head would leave a fifth of each token's
+weight traffic unquantized; and int4 there costs most of int4's quality (SmolLM2 perplexity, bf16
+15.98: int4 blocks with an int4 head 16.97, with an int8 head 16.02; howto/quantize.md).
 """
 
 from __future__ import annotations
@@ -150,9 +152,14 @@ def quantized_layer(weight: torch.Tensor, mode: QuantizeMode, group_size: int, d
     return Int4Linear(*quantize_int4(weight, group_size, dtype), group_size)
 
 
+def head_mode(mode: QuantizeMode) -> QuantizeMode:
+    """The head's quantization: int8 for int8 and int4 (see the module docstring)."""
+    return "none" if mode == "none" else "int8"
+
+
 def quantize_for_generation(model: LLaMA, mode: QuantizeMode, group_size: int = 32, dtype: torch.dtype | None = None) -> LLaMA:
-    """Replace every nn.Linear of a float `model` (blocks and head) by an `Int8Linear` or
-    `Int4Linear` (`mode`, int4 in groups of `group_size`), quantized from its weight as it is (load
+    """Replace every nn.Linear of a float `model` by an `Int8Linear` or `Int4Linear` (`mode`, int4
+    in groups of `group_size`; the head int8, `head_mode`), quantized from its weight as it is (load
     it in fp32 for the best codes), then cast what stays float (embedding, norms) to `dtype`
     (default: the model's). One layer at a time: a memory-mapped model never holds two float copies.
     A head tied to the embedding gets a quantized copy and the embedding stays float for the lookup.
@@ -169,5 +176,6 @@ def quantize_for_generation(model: LLaMA, mode: QuantizeMode, group_size: int = 
             linear = getattr(parent, child)
             if linear.bias is not None:
                 raise ValueError(f"{name} has a bias; weight-only quantization takes lit_llama's bias-free linear layers")
-            setattr(parent, child, quantized_layer(linear.weight, mode, group_size, dtype))
+            layer_mode = head_mode(mode) if name == "lm_head" else mode
+            setattr(parent, child, quantized_layer(linear.weight, layer_mode, group_size, dtype))
     return model.to(dtype)

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from lit_llama.adapter import copy_adapter_, load_adapter, save_adapter
 from lit_llama.checkpoint import load_model, save_checkpoint
 from lit_llama.cli import run as cli_run
 from lit_llama.generation import generate
 from lit_llama.generation_loading import load_for_generation
 from lit_llama.gguf_model import q4_codes
+from lit_llama.lora import LoRAConfig, build_lora_model, is_lora_key, load_lora_model, merged_model
 from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.prompts import get_prompt_style
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.weight_only import Int4Linear, Int8Linear, quantize_for_generation, quantize_int4, quantize_int8
 
@@ -77,7 +80,8 @@ def test_quantize_for_generation_replaces_every_linear_and_keeps_a_float_embeddi
     model = LLaMA(LLaMAConfig.from_name("tiny-tied")).eval()
     quantize_for_generation(model, "int4", 32, torch.bfloat16)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert isinstance(model.lm_head, Int4Linear) and model.transformer.wte.weight.dtype == torch.bfloat16
+    assert isinstance(model.transformer.h[0].mlp.c_proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)  # the head int8
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
     model.set_kv_cache(1, 8)
     assert model.transformer.h[0].attn.kv_cache.k.dtype == torch.bfloat16  # the cache follows the float embedding
 
@@ -122,14 +126,15 @@ def tiny_dir(tmp_path_factory):
     return folder
 
 
-def dequantized_reference(folder: Path, mode: str) -> LLaMA:
-    """The float model whose linear weights are the quantized values, dequantized here by the formulas."""
-    model = load_model(folder)
+def dequantized_reference(folder: Path, mode: str, model: LLaMA | None = None) -> LLaMA:
+    """The float model (of `folder`, or `model`) whose linear weights are the quantized values,
+    dequantized here by the formulas."""
+    model = model or load_model(folder)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
-                if mode == "int8":
+                if mode == "int8" or module is model.lm_head:  # the head is int8 in both modes
                     q, s = quantize_int8(w, torch.float32)
                     module.weight.copy_(q.float() * s[:, None])
                 else:
@@ -150,6 +155,37 @@ def test_generate_script_quantized_greedy_equals_the_dequantized_float_model(tin
     encoded = tokenizer.encode(prompt, bos=True)
     ref = generate(dequantized_reference(tiny_dir, mode), [encoded], 24, temperature=0.0)[0]
     assert texts == [tokenizer.decode(ref)]
+
+
+def test_generate_lora_merges_in_fp32_then_quantizes(tmp_path, capsys):
+    """generate/lora.py --quantize int4: the greedy text of the merged float model with the
+    quantized values (dequantized by the formulas) as its weights."""
+    if not (DATA / "tok512.model").is_file():
+        pytest.skip("tok512.model is absent")
+    torch.manual_seed(0)
+    lora = LoRAConfig(r=4, alpha=8)
+    model = build_lora_model(LLaMAConfig.from_name("tiny", vocab_size=512), lora)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # B too: a no-op adapter cannot pass
+    base = LLaMA(model.config)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_lora_key(k)})
+    save_checkpoint(base, tmp_path / "base", tokenizer_path=DATA / "tok512.model")
+    adapter = save_adapter(model, tmp_path / "a.safetensors", lora, prompt_style="alpaca")
+    main = runpy.run_path(str(REPO / "generate" / "lora.py"))["main"]
+    # Called directly: in-process, jsonargparse hands `Path | list[Path]` over as a str.
+    text = main(checkpoint_dir=tmp_path / "base", lora_path=adapter, prompt="Hi", temperature=0.0, max_new_tokens=16,
+                quantize="int4", accelerator="cpu")
+    capsys.readouterr()
+    tensors, meta = load_adapter(adapter)
+    merged = load_lora_model(tmp_path / "base", meta.lora)
+    copy_adapter_(merged, tensors, meta, adapter.name)
+    reference = dequantized_reference(tmp_path / "base", "int4", merged_model(merged))
+    tokenizer = Tokenizer.from_checkpoint(tmp_path / "base")
+    style = get_prompt_style("alpaca", tokenizer)
+    encoded = tokenizer.encode(style.format("Hi", ""), bos=style.bos)
+    out = generate(reference, [encoded], 16, temperature=0.0, stop_ids=style.stop_ids(tokenizer), pad_id=tokenizer.pad_id)[0]
+    assert text == tokenizer.decode(out[len(encoded):]).strip()
 
 
 def test_generate_script_group_size_not_dividing_a_layer_is_one_error_line(tiny_dir, capsys):
@@ -195,8 +231,9 @@ def test_q4_codes_are_gguf_dequantize_exactly(tmp_path):
 # --------------------------------------------------------------------------- the real SmolLM2
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 AGREE_ATOL = 1e-4  # fp32 hidden states (|h| up to ~30): the same weights summed in another order
-# Measured over 48 greedy tokens (below): int8 48/48, int4 ?/48.
-MIN_AGREEMENT = [("int8", 0.9), ("int4", 0.2)]
+# Greedy tokens of "What is the capital of France?" equal to bf16's before the first difference, of 32;
+# measured: int8 all 32 (first difference at 71), int4 18 (howto/quantize.md: four prompts, 128 tokens).
+MIN_EQUAL_PREFIX = [("int8", 32), ("int4", 12)]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +249,7 @@ def greedy(model: LLaMA, tokenizer: Tokenizer, question: str, n: int) -> torch.T
 def test_smol_int4_from_the_q4_1_gguf_keeps_its_codes(smollm2_checkpoint):
     """In fp32 the GGUF-direct int4 model computes with the file's own Q4_1 values: its hidden
     states are the float checkpoint's (dequantized by gguf) up to summation order (the head differs:
-    the Q8_0 embedding is requantized to int4 for it)."""
+    the Q8_0 embedding is requantized to int8 for it)."""
     model = load_for_generation(SMOL, torch.float32, torch.device("cpu"), "int4")
     assert isinstance(model.transformer.h[0].mlp.c_fc1, Int4Linear)
     ref_model = load_model(smollm2_checkpoint)
@@ -222,15 +259,16 @@ def test_smol_int4_from_the_q4_1_gguf_keeps_its_codes(smollm2_checkpoint):
     torch.testing.assert_close(ours, ref, atol=AGREE_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mode, min_agreement", MIN_AGREEMENT)
-def test_smol_quantized_greedy_agrees_with_bf16(smollm2_checkpoint, smol_bf16, mode, min_agreement):
-    """Greedy tokens of the quantized model (bf16 activations) vs the bf16 model; bounds below
-    what was measured (in the MIN_AGREEMENT comment)."""
+@pytest.mark.parametrize("mode, min_prefix", MIN_EQUAL_PREFIX)
+def test_smol_quantized_greedy_agrees_with_bf16(smollm2_checkpoint, smol_bf16, mode, min_prefix):
+    """Greedy tokens of the quantized model (bf16 activations) vs the bf16 model: how many agree
+    before the first difference; bounds at or below what was measured (MIN_EQUAL_PREFIX)."""
     tokenizer = Tokenizer.from_checkpoint(smollm2_checkpoint)
     model = load_for_generation(smollm2_checkpoint, torch.bfloat16, torch.device("cpu"), mode)
-    question = "Give three tips for staying healthy."
-    ref, ours = greedy(smol_bf16, tokenizer, question, 48), greedy(model, tokenizer, question, 48)
-    assert (ours == ref).float().mean().item() >= min_agreement
+    question = "What is the capital of France?"
+    ref, ours = greedy(smol_bf16, tokenizer, question, 32), greedy(model, tokenizer, question, 32)
+    differ = (ours != ref).nonzero()
+    assert (int(differ[0]) if len(differ) else 32) >= min_prefix
 
 
 def test_smol_generate_script_int4_from_the_gguf_answers(capsys):
