@@ -230,10 +230,11 @@ def test_q4_codes_are_gguf_dequantize_exactly(tmp_path):
 
 # --------------------------------------------------------------------------- the real SmolLM2
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-AGREE_ATOL = 1e-4  # fp32 hidden states (|h| up to ~30): the same weights summed in another order
+AGREE_ATOL, AGREE_RTOL = 1e-4, 2e-5  # fp32 hidden states (|h| up to ~30): the same weights summed in another order (measured: 1.2e-4 at 27, 4.5e-6 relative)
 # Greedy tokens of "What is the capital of France?" equal to bf16's before the first difference, of 32;
-# measured: int8 all 32 (first difference at 71), int4 18 (howto/quantize.md: four prompts, 128 tokens).
-MIN_EQUAL_PREFIX = [("int8", 32), ("int4", 12)]
+# measured: int8 and int4 (groups of 32, int8 head) all 32, both first differ at token 71
+# (howto/quantize.md: four prompts, 128 tokens).
+MIN_EQUAL_PREFIX = [("int8", 32), ("int4", 32)]
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +257,7 @@ def test_smol_int4_from_the_q4_1_gguf_keeps_its_codes(smollm2_checkpoint):
     idx = torch.tensor([[1, 504, 3458, 314, 253, 1215, 28, 665]])
     with torch.no_grad():
         ref, ours = ref_model(idx, return_hidden=True), model(idx, return_hidden=True)
-    torch.testing.assert_close(ours, ref, atol=AGREE_ATOL, rtol=0)
+    torch.testing.assert_close(ours, ref, atol=AGREE_ATOL, rtol=AGREE_RTOL)
 
 
 @pytest.mark.parametrize("mode, min_prefix", MIN_EQUAL_PREFIX)
