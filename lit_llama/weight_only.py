@@ -170,6 +170,9 @@ def quantize_for_generation(model: LLaMA, mode: QuantizeMode, group_size: int = 
         check_quantize(mode, group_size, dtype, model.transformer.wte.weight.device)
         # Names, not modules: holding the old layers would keep their weights alive.
         names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        for name in names:  # refused before anything changes
+            if mode == "int4" and name != "lm_head":
+                check_group_size(group_size, model.get_submodule(name).in_features)
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
