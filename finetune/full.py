@@ -31,6 +31,7 @@ from lit_llama.distributed import (
 )
 from lit_llama.model import LLaMA
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
+from lit_llama.runtime import set_threads
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
 
@@ -49,6 +50,7 @@ def main(
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason.",
     resume: Literal["auto"] | Path | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Finetune all weights of a model on a prepared instruction dataset.
 
@@ -66,7 +68,9 @@ def main(
         sample_instruction: The instruction answered after each validation to show progress.
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
         overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
     config = load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy

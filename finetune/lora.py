@@ -42,6 +42,7 @@ from lit_llama.lora import (
 from lit_llama.model import LLaMAConfig
 from lit_llama.qlora import QuantizeMode, load_quantized_lora_model
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
+from lit_llama.runtime import set_threads
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
 
@@ -66,6 +67,7 @@ def main(
     adapter_format: Literal["safetensors", "pth"] = "safetensors",
     resume: Literal["auto"] | Path | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Finetune LoRA adapters on a prepared instruction dataset.
 
@@ -92,7 +94,9 @@ def main(
         adapter_format: File format of the adapter.
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
         overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     hparams = dict(locals())  # every flag, as given, written beside the checkpoints
     train.validate(devices)
     config = load_config(checkpoint_dir)  # a one-line error for a wrong directory before anything heavy

@@ -21,7 +21,7 @@ from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import generate
 from lit_llama.generation_loading import checkpoint_folder, load_for_generation
 from lit_llama.prompts import TEMPLATE_STYLE_NAME, PromptStyleName, describe_style, get_prompt_style
-from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run, set_threads
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.weight_only import QuantizeMode
 
@@ -42,6 +42,7 @@ def main(
     prompt_style: Literal["auto", "none"] | PromptStyleName = "auto",
     quantize: QuantizeMode = "none",
     group_size: int = 32,
+    threads: int | None = None,
 ) -> list[str]:
     """Generate text from a prompt.
 
@@ -61,7 +62,9 @@ def main(
         prompt_style: How the prompt is written: none (raw text to continue), a named style (alpaca, plain, chatml, llama3: the prompt is one user turn), chat_template (the checkpoint's own chat template), or auto: chat_template when the checkpoint's tokenizer has one (instruct models), else none. With a style only the reply is printed; stderr names the style used.
         quantize: Weight-only quantization at load (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size; a .gguf file's Q4_0/Q4_1 codes as they are); activations stay in --precision.
         group_size: Weights per int4 scale: 32, 64 or 128.
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:

@@ -37,7 +37,7 @@ from lit_llama.prompts import (
     describe_style,
     get_prompt_style,
 )
-from lit_llama.runtime import PRECISIONS, prepare_run
+from lit_llama.runtime import PRECISIONS, prepare_run, set_threads
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.weight_only import QuantizeMode, check_quantize, quantize_for_generation
 
@@ -58,6 +58,7 @@ def main(
     seed: int = 1234,
     quantize: QuantizeMode = "none",
     group_size: int = 32,
+    threads: int | None = None,
 ) -> list[Message]:
     """Chat with a model: one user turn per line of input, replies streamed to stdout.
 
@@ -75,7 +76,9 @@ def main(
         seed: Random seed for sampling.
         quantize: Weight-only quantization at load (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size; a .gguf file's Q4_0/Q4_1 codes as they are); an adapter is merged in fp32 first.
         group_size: Weights per int4 scale: 32, 64 or 128.
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
     device = prepare_run(accelerator, precision, seed)

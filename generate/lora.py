@@ -26,7 +26,7 @@ from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
 from lit_llama.qlora import match_training_base_
-from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
+from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run, set_threads
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.weight_only import QuantizeMode, check_quantize, quantize_for_generation
 
@@ -47,6 +47,7 @@ def main(
     seed: int = 1234,
     quantize: QuantizeMode = "none",
     group_size: int = 32,
+    threads: int | None = None,
 ) -> str | list[str]:
     """Generate a response to an instruction with a LoRA-finetuned model.
 
@@ -66,7 +67,9 @@ def main(
         seed: Random seed for sampling.
         quantize: Weight-only quantization of the merged model (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size); merged in fp32 first, then quantized (one adapter only).
         group_size: Weights per int4 scale: 32, 64 or 128.
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     device = prepare_run(accelerator, precision, seed)
     refuse_gguf_with_adapter(checkpoint_dir)
     check_quantize(quantize, group_size, PRECISIONS[precision], device)

@@ -28,6 +28,7 @@ from lit_llama.distributed import setup_fabric, setup_model_and_optimizer
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
 from lit_llama.pretrain_data import PretrainDataset, read_meta
 from lit_llama.run_dir import check_out_dir, claim_out_dir, write_hparams
+from lit_llama.runtime import set_threads
 from lit_llama.samplers import resumable_dataloader
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainConfig, fit
@@ -66,6 +67,7 @@ def main(
     sample_prompt: str = "",
     resume: Literal["auto"] | Path | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train a model from scratch on train.bin / val.bin and save a checkpoint directory.
 
@@ -90,7 +92,9 @@ def main(
         sample_prompt: Text greedily continued after each validation to show progress ("" = from BOS alone).
         resume: Continue an interrupted run: auto (from out_dir's last saved state, if any), or a run's out_dir.
         overwrite: Start fresh in an --out_dir that holds an earlier run (its training states and metrics are removed).
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     hparams = {**locals(), "train": asdict(train)}
     train.validate(devices)
     meta = read_meta(data_dir)

@@ -273,9 +273,9 @@ def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     variant = spec["variant"]
     compiled = variant.endswith("-compiled")
     if variant == "int4-gguf":
-        from lit_llama.weight_only import load_gguf_int4
+        from lit_llama.gguf_model import load_gguf_model
 
-        model = load_gguf_int4(spec["gguf_path"], dtype=torch.bfloat16)
+        model = load_gguf_model(spec["gguf_path"], torch.bfloat16, "cpu", "int4")  # Q4_0/Q4_1 codes packed as they are
     elif variant.startswith(("int8", "int4")):
         from lit_llama.weight_only import quantize_for_generation
 

@@ -24,6 +24,7 @@ from lit_llama.evaluate import exact_match, perplexity
 from lit_llama.lora import load_lora_model, merge_lora_weights
 from lit_llama.model import LLaMA
 from lit_llama.pretrain_data import load_tokens, read_meta, token_path
+from lit_llama.runtime import set_threads
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -84,6 +85,7 @@ def main(
     out_file: Path | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 16,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Measure perplexity and/or instruction exact match.
 
@@ -96,7 +98,9 @@ def main(
         out_file: Where to write the results as JSON (None: print only).
         batch_size: Sequences per forward pass.
         max_new_tokens: Longest answer generated for exact match.
+        threads: CPU threads for torch (default: the CPUs this process may use, less those other processes keep busy; one thread when the machine is busy, see howto/performance.md).
     """
+    set_threads(threads)
     if tokens_dir is None and instructions_file is None:
         raise ValueError("nothing to evaluate: pass --tokens_dir and/or --instructions_file")
     name = "base+lora" if lora_path else "base"

@@ -34,6 +34,7 @@ from lit_llama.checkpoint import atomic_write_text, load_config
 from lit_llama.cli import run
 from lit_llama.convert_gguf import packaged_smollm2
 from lit_llama.lora import LoRAConfig
+from lit_llama.runtime import set_threads
 from lit_llama.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def from_scratch_demo(
     step("3/6 pretrain a tiny LLaMA from scratch", base_dir / "final" / "lit_config.json",
          lambda: pretrain.main(
              data_dir=text, model_name="tiny", block_size=256, n_layer=4, n_embd=128, n_head=4, out_dir=base_dir,
-             accelerator="cpu", seed=seed, resume="auto",
+             accelerator="cpu", seed=seed, resume="auto", threads=torch.get_num_threads(),
              train=TrainConfig(learning_rate=5e-3, min_lr=5e-4, batch_size=8, micro_batch_size=8,
                                max_iters=pretrain_iters, warmup_steps=30, weight_decay=0.1,
                                eval_interval=max(1, pretrain_iters // 10), eval_iters=5, save_interval=10**9, log_interval=10),
@@ -99,6 +100,7 @@ def from_scratch_demo(
     step("5/6 LoRA-finetune the base on the instructions", lora_dir / "lit_model.lora.safetensors",
          lambda: finetune.main(
              data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision="32-true", accelerator="cpu", seed=seed, resume="auto",
+             threads=torch.get_num_threads(),  # what main chose: the steps run in this process
              train=TrainConfig(learning_rate=3e-3, min_lr=3e-4, batch_size=32, micro_batch_size=32, max_iters=finetune_iters,
                                warmup_steps=10, eval_interval=max(1, finetune_iters // 5), eval_iters=4, save_interval=10**9,
                                log_interval=10),
@@ -193,6 +195,7 @@ def smollm2_quickstart(out_dir: Path, gguf_path: Path | None, finetune_iters: in
     step(f"4/5 LoRA-finetune SmolLM2 on them ({finetune_iters} steps of 16, {precision})", adapter,
          lambda: finetune.main(
              data_dir=sft, checkpoint_dir=base, out_dir=lora_dir, precision=precision, accelerator="cpu", seed=seed, resume="auto",
+             threads=torch.get_num_threads(),  # what main chose: the steps run in this process
              train=TrainConfig(learning_rate=2e-3, min_lr=2e-4, batch_size=16, micro_batch_size=16, max_iters=finetune_iters,
                                warmup_steps=min(5, finetune_iters), eval_interval=max(1, finetune_iters // 2), eval_iters=2,
                                save_interval=10**9, log_interval=10),
@@ -247,14 +250,13 @@ def main(
         pretrain_iters: Optimizer steps of pretraining (--from_scratch only).
         n_test: Most held-out instructions to evaluate on.
         seed: Seed for the data and for training.
-        threads: torch CPU threads (default: torch's choice, usually the number of cores).
+        threads: CPU threads for torch in every step (default: the CPUs this process may use, less those other processes keep busy; see howto/performance.md).
         fresh: Delete out_dir first instead of reusing finished steps.
     """
     finetune_iters = finetune_iters or (400 if from_scratch else 60)
     if pretrain_iters <= 0 or finetune_iters <= 0:
         raise ValueError("--pretrain_iters and --finetune_iters must be positive numbers of optimizer steps")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     out_dir = out_dir or Path("out/quickstart-scratch" if from_scratch else "out/quickstart")
     out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
     if fresh and out_dir.exists():
