@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from lit_llama.checkpoint import load_config, load_model
+from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
 from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import generate
+from lit_llama.generation_loading import checkpoint_folder, load_for_generation
 from lit_llama.prompts import TEMPLATE_STYLE_NAME, PromptStyleName, describe_style, get_prompt_style
 from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.weight_only import QuantizeMode
 
 
 def main(
@@ -38,11 +40,13 @@ def main(
     seed: int = 1234,
     tokenizer_path: Path | None = None,
     prompt_style: Literal["auto", "none"] | PromptStyleName = "auto",
+    quantize: QuantizeMode = "none",
+    group_size: int = 32,
 ) -> list[str]:
     """Generate text from a prompt.
 
     Args:
-        checkpoint_dir: A checkpoint directory (lit_config.json, lit_model.*, tokenizer.model).
+        checkpoint_dir: A checkpoint directory (lit_config.json, lit_model.*, tokenizer.model), or a llama .gguf file (config, tokenizer and chat template from its metadata).
         prompt: The text to continue.
         max_new_tokens: How many tokens to generate at most (generation also stops at EOS).
         temperature: Sampling temperature; 0 means greedy decoding.
@@ -55,21 +59,25 @@ def main(
         seed: Random seed for sampling.
         tokenizer_path: The tokenizer (a SentencePiece .model or a tokenizer.json); default: the one in checkpoint_dir.
         prompt_style: How the prompt is written: none (raw text to continue), a named style (alpaca, plain, chatml, llama3: the prompt is one user turn), chat_template (the checkpoint's own chat template), or auto: chat_template when the checkpoint's tokenizer has one (instruct models), else none. With a style only the reply is printed; stderr names the style used.
+        quantize: Weight-only quantization at load (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size; a .gguf file's Q4_0/Q4_1 codes as they are); activations stay in --precision.
+        group_size: Weights per int4 scale: 32, 64 or 128.
     """
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
     device = prepare_run(accelerator, precision, seed)
-    config = load_config(checkpoint_dir)  # names a wrong folder as such, before the tokenizer inside it is missed
-    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, tokenizer_path)
+    with checkpoint_folder(checkpoint_dir) as folder:  # a .gguf file: its metadata as a folder
+        config = load_config(folder)  # names a wrong folder as such, before the tokenizer inside it is missed
+        tokenizer = Tokenizer.from_checkpoint(folder, tokenizer_path)
 
     t0 = time.perf_counter()
     # Weights that prepare_decoding will pack are read into memory rather than mapped from the file,
-    # so that each unpacked weight is freed as its packed copy is made.
-    pack = packs_weights(device, compile, num_samples)
-    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=not pack, config=config)
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    # so that each unpacked weight is freed as its packed copy is made. Quantized layers are not packed.
+    pack = packs_weights(device, compile, num_samples) and quantize == "none"
+    model = load_for_generation(checkpoint_dir, PRECISIONS[precision], device, quantize, group_size, mmap=not pack, config=config)
+    quantized = "" if quantize == "none" else f", weights {quantize}" + (f" in groups of {group_size}" if quantize == "int4" else "")
+    print(f"Loaded {checkpoint_dir}{quantized} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "

@@ -23,10 +23,11 @@ from typing import Literal
 import torch
 
 from lit_llama.adapter import copy_adapter_, load_adapter
-from lit_llama.checkpoint import load_config, load_model
+from lit_llama.checkpoint import load_config
 from lit_llama.cli import run
 from lit_llama.decode_speedups import packs_weights, prepare_decoding
 from lit_llama.generation import stream
+from lit_llama.generation_loading import checkpoint_folder, load_for_generation, refuse_gguf_with_adapter
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.prompts import (
     PROMPT_STYLES,
@@ -38,6 +39,7 @@ from lit_llama.prompts import (
 )
 from lit_llama.runtime import PRECISIONS, prepare_run
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.weight_only import QuantizeMode, check_quantize, quantize_for_generation
 
 Message = dict[str, str]
 
@@ -54,11 +56,13 @@ def main(
     precision: Literal["32-true", "bf16-true", "16-true"] = "32-true",
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     seed: int = 1234,
+    quantize: QuantizeMode = "none",
+    group_size: int = 32,
 ) -> list[Message]:
     """Chat with a model: one user turn per line of input, replies streamed to stdout.
 
     Args:
-        checkpoint_dir: A checkpoint directory (lit_config.json, lit_model.*, and a tokenizer: tokenizer.json with a chat template for an instruct model).
+        checkpoint_dir: A checkpoint directory (lit_config.json, lit_model.*, and a tokenizer: tokenizer.json with a chat template for an instruct model), or a llama .gguf file (config, tokenizer and chat template from its metadata).
         lora_path: An adapter file written by finetune/lora.py, merged into the model; its prompt style is used.
         system: A system message that starts every conversation (kept when old turns are dropped and on /reset).
         prompt_style: How the conversation is written: auto (the adapter's style, else the checkpoint's chat template), chat_template (the checkpoint's own Jinja template), or a named style: chatml, llama3, alpaca, plain.
@@ -69,26 +73,34 @@ def main(
         precision: Weight and compute dtype: 32-true (fp32), bf16-true or 16-true (fp16, GPU only).
         accelerator: Where to run: auto picks cuda when available, else cpu.
         seed: Random seed for sampling.
+        quantize: Weight-only quantization at load (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size; a .gguf file's Q4_0/Q4_1 codes as they are); an adapter is merged in fp32 first.
+        group_size: Weights per int4 scale: 32, 64 or 128.
     """
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
     device = prepare_run(accelerator, precision, seed)
-    config = load_config(checkpoint_dir)
-    if max_new_tokens >= config.block_size:
-        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's context of "
-                         f"{config.block_size}; lower it")
-    t0 = time.perf_counter()
-    pack = packs_weights(device, False, 1)
-    if lora_path is None:
-        recorded, special_tokens = None, ()
-        model = load_model(checkpoint_dir, dtype=PRECISIONS[precision], device=device, mmap=not pack, config=config)
-    else:
+    check_quantize(quantize, group_size, PRECISIONS[precision], device)
+    recorded, special_tokens = None, ()
+    if lora_path is not None:
+        refuse_gguf_with_adapter(checkpoint_dir)
         adapter, meta = load_adapter(lora_path)
         recorded, special_tokens = meta.prompt_style, meta.special_tokens
+    with checkpoint_folder(checkpoint_dir) as folder:  # a .gguf file: its metadata as a folder
+        config = load_config(folder)
+        if max_new_tokens >= config.block_size:
+            raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's context of "
+                             f"{config.block_size}; lower it")
+        tokenizer = Tokenizer.from_checkpoint(folder, special_tokens=special_tokens)
+    t0 = time.perf_counter()
+    pack = packs_weights(device, False, 1) and quantize == "none"  # quantized layers are not packed
+    if lora_path is None:
+        model = load_for_generation(checkpoint_dir, PRECISIONS[precision], device, quantize, group_size, mmap=not pack,
+                                    config=config)
+    else:
         model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=not pack)
         copy_adapter_(model, adapter, meta, lora_path.name)
-        model = merged_model(model).to(PRECISIONS[precision])  # merged in fp32, then cast, as generate/lora.py
-    tokenizer = Tokenizer.from_checkpoint(checkpoint_dir, special_tokens=special_tokens)
+        # Merged in fp32, then cast or quantized, as generate/lora.py.
+        model = quantize_for_generation(merged_model(model), quantize, group_size, PRECISIONS[precision])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
                          "pass the checkpoint the tokenizer belongs to")

@@ -21,12 +21,14 @@ from lit_llama.adapter import copy_adapter_, load_adapter
 from lit_llama.cli import run
 from lit_llama.decode_speedups import pack_weights_timed, packs_weights, prepare_decoding
 from lit_llama.generation import generate
+from lit_llama.generation_loading import refuse_gguf_with_adapter
 from lit_llama.lora import load_lora_model, merged_model
 from lit_llama.multi_lora import generate_with_adapters, load_multi_lora_model
 from lit_llama.prompts import PromptStyleName, describe_style, get_prompt_style
 from lit_llama.qlora import match_training_base_
 from lit_llama.runtime import PRECISIONS, count, peak_memory_mib, prepare_run
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.weight_only import QuantizeMode, check_quantize, quantize_for_generation
 
 
 def main(
@@ -43,6 +45,8 @@ def main(
     compile: bool = False,
     prompt_style: PromptStyleName | None = None,
     seed: int = 1234,
+    quantize: QuantizeMode = "none",
+    group_size: int = 32,
 ) -> str | list[str]:
     """Generate a response to an instruction with a LoRA-finetuned model.
 
@@ -60,12 +64,18 @@ def main(
         compile: torch.compile the one-token decode step of the merged model, as generate/base.py --compile (one adapter only).
         prompt_style: Override the prompt template stored in the adapter: alpaca, plain, chatml, llama3, or chat_template (the checkpoint's own chat template); default: the adapter's, else alpaca.
         seed: Random seed for sampling.
+        quantize: Weight-only quantization of the merged model (howto/quantize.md): int8 (per output channel) or int4 (groups of --group_size); merged in fp32 first, then quantized (one adapter only).
+        group_size: Weights per int4 scale: 32, 64 or 128.
     """
     device = prepare_run(accelerator, precision, seed)
+    refuse_gguf_with_adapter(checkpoint_dir)
+    check_quantize(quantize, group_size, PRECISIONS[precision], device)
     paths = [lora_path] if isinstance(lora_path, Path) else list(lora_path)
     if len(paths) > 1:
         if compile:
             raise ValueError("--compile works with one adapter; several adapters generate unmerged, uncompiled")
+        if quantize != "none":
+            raise ValueError("--quantize works with one adapter, merged; several adapters generate unmerged over the float base")
         return generate_many(checkpoint_dir, paths, prompt, input, max_new_tokens, temperature, top_k, top_p,
                              precision, device, prompt_style)
     lora_path = paths[0]
@@ -74,12 +84,13 @@ def main(
     style = get_prompt_style(prompt_style or meta.prompt_style or "alpaca", tokenizer)
 
     t0 = time.perf_counter()
-    # Load in fp32, merge in fp32, then cast: merging in bf16 would round W + BA twice.
-    pack = packs_weights(device, compile, 1)  # loaded unmapped if packed, as in base.py
+    # Load in fp32, merge in fp32, then cast (or quantize): merging in bf16 would round W + BA twice.
+    pack = packs_weights(device, compile, 1) and quantize == "none"  # loaded unmapped if packed, as in base.py
     model = load_lora_model(checkpoint_dir, meta.lora, device=device, mmap=not pack)
     match_training_base_(model, meta.quantize)  # trained with --quantize: the dequantized base it was trained on
     copy_adapter_(model, adapter, meta, lora_path.name)
-    model = merged_model(model).to(PRECISIONS[precision])  # a plain LLaMA: every linear layer can be packed
+    # A plain LLaMA: every linear layer can be packed, or quantized (from the merged fp32 weights).
+    model = quantize_for_generation(merged_model(model), quantize, group_size, PRECISIONS[precision])
     print(f"Loaded {checkpoint_dir} + {lora_path} in {time.perf_counter() - t0:.2f} s; prompt style: {describe_style(style)}",
           file=sys.stderr)
 

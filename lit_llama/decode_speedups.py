@@ -127,7 +127,7 @@ def compiled_decode_for(model: LLaMA, batch_size: int, prompt_len: int, max_new_
     prompt_len + max_new_tokens and triggers the compilation with a two-token greedy run; a generation
     of that size (or smaller, with no padding) then reuses the cache and the graph."""
     check_fits_context(model, prompt_len, max_new_tokens)
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device  # the embedding is float also when the linear layers are quantized
     decode_fn = compile_decode_step(device)
     model.set_kv_cache(batch_size, prompt_len + max_new_tokens)
     generate(model, torch.zeros(batch_size, 1, dtype=torch.long, device=device), 2, temperature=0.0, decode_fn=decode_fn)

@@ -276,7 +276,7 @@ class LLaMA(nn.Module):
             raise ValueError(
                 f"max_seq_length {max_seq_length} exceeds the model's block_size {self.config.block_size}"
             )
-        weight = self.lm_head.weight
+        weight = self.transformer.wte.weight  # float also when the linear layers are quantized
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
                 batch_size, max_seq_length, self.config.n_query_groups, self.config.head_size,

@@ -45,3 +45,15 @@ def smollm2_chat_dir(tmp_path_factory):
     auto = transformers.AutoTokenizer.from_pretrained(str(DATA), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     auto.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct, converted once from its Q4_1 GGUF file to a float32 checkpoint folder."""
+    _need("SmolLM2-135M-Instruct.Q4_1.gguf")
+    pytest.importorskip("gguf")
+    from lit_llama.convert_gguf import convert_gguf  # needs the optional gguf package
+
+    out = tmp_path_factory.mktemp("smollm2") / "lit"
+    convert_gguf(DATA / "SmolLM2-135M-Instruct.Q4_1.gguf", out, torch.float32, progress=False)
+    return out
