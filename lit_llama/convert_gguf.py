@@ -533,14 +533,19 @@ def convert_gguf(
             write_safetensors_streaming(
                 ((name, lambda t=t: t.to(out_dtype)) for name, t in stream), specs, path, metadata={"format": "pt"}
             )
-        for name, content in files.items():
-            if isinstance(content, bytes):
-                with atomic_path(tmp / name) as path:
-                    path.write_bytes(content)
-            else:
-                atomic_write_text(tmp / name, content)
-        save_config(config, tmp)
+        write_metadata_files(files, config, tmp)
     return output_dir / WEIGHTS_NAME
+
+
+def write_metadata_files(files: dict[str, str | bytes], config: LLaMAConfig, folder: Path) -> None:
+    """The tokenizer files (`tokenizer_files`) and lit_config.json of a GGUF file into `folder`."""
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            with atomic_path(folder / name) as path:
+                path.write_bytes(content)
+        else:
+            atomic_write_text(folder / name, content)
+    save_config(config, folder)
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

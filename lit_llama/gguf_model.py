@@ -27,7 +27,6 @@ import gguf
 import numpy as np
 import torch
 
-from lit_llama.checkpoint import atomic_path, atomic_write_text, save_config
 from lit_llama.convert_gguf import (
     check_tensors,
     config_from_gguf,
@@ -35,6 +34,7 @@ from lit_llama.convert_gguf import (
     gguf_names_for,
     open_gguf,
     tokenizer_files,
+    write_metadata_files,
 )
 from lit_llama.convert_hf import lit_shapes
 from lit_llama.model import LLaMA
@@ -59,13 +59,7 @@ def gguf_folder(path: Path | str) -> Iterator[Path]:
     config = config_from_gguf(reader)
     with tempfile.TemporaryDirectory(prefix="lit_llama_gguf_") as tmp:
         folder = Path(tmp)
-        for name, content in tokenizer_files(reader).items():
-            if isinstance(content, bytes):
-                with atomic_path(folder / name) as out:
-                    out.write_bytes(content)
-            else:
-                atomic_write_text(folder / name, content)
-        save_config(config, folder)
+        write_metadata_files(tokenizer_files(reader), config, folder)
         yield folder
 
 
