@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+import time
+from pathlib import Path
 
 import torch
 
@@ -28,16 +30,30 @@ def prepare_run(accelerator: str, precision: str, seed: int) -> torch.device:
 
 
 def default_threads() -> int:
-    """The CPUs this process may use, less those other processes keep busy (the 1-minute load
-    average, rounded down), at least one. Not simply every core: torch's threads meet at a barrier
-    after every op, so a thread whose core another process holds stalls the others, and a small model
-    does thousands of short ops per token. Measured on a 2-core VM, decoding (eager, batch 1, each run
-    in its own process, 1 and 2 threads interleaved; howto/performance.md "Threads"): with a load of
-    5-8 from other work, 2 threads gave 0.07-0.18x the tokens/s of 1 thread (stories260K 16-549 vs
-    282-746, SmolLM2-135M 1-29 vs 10-25); on the idle machine 2 threads gave SmolLM2-135M 1.4x."""
+    """The CPUs this process may use, less those other processes keep busy now, at least one.
+
+    Not simply every core: torch's threads meet at a barrier after every op, so a thread whose core
+    another process holds stalls the others, and a small model runs thousands of short ops per
+    token. Measured on a 2-core VM, greedy decoding (eager, batch 1, each run in its own process, 1 and
+    2 threads interleaved, 3 rounds; howto/performance.md "Threads"): idle, 2 threads gave 0.94x the
+    tokens/s of 1 thread for stories260K (0.23M parameters), 1.15x at 19M, 1.38x at 58M, 1.47x for
+    SmolLM2-135M; with two other jobs running (load 5-8), 2 threads gave 0.07x, 0.16x, 0.18x and 0.12x
+    (stories260K 16-549 tokens/s against 282-746 with one thread)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cpus, cpus - busy))
+    return max(1, cpus - busy_cpus())
+
+
+def busy_cpus(samples: int = 5, interval_s: float = 0.01) -> int:
+    """Processes running or runnable right now besides this one: the fewest of a few looks at
+    /proc/loadavg's running count (a load average would still count a job that ended a minute ago)."""
+    loadavg = Path("/proc/loadavg")
+    if not loadavg.is_file():
+        return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    counts = []
+    for _ in range(samples):
+        counts.append(int(loadavg.read_text().split()[3].split("/")[0]) - 1)  # "running/total"; minus this process
+        time.sleep(interval_s)
+    return max(0, min(counts))
 
 
 def set_threads(threads: int | None) -> int:
