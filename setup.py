@@ -27,7 +27,9 @@ setup(
         "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4", "matplotlib>=3.6", "bitsandbytes>=0.45"],
         "qlora": ["bitsandbytes>=0.45"],  # finetune/lora.py --quantize nf4|nf4-dq|int8 (lit_llama/qlora.py); CPU support since 0.45
         "plot": ["matplotlib>=3.6"],  # loss.png beside every training run's metrics.csv
-        "bench": ["transformers>=4.40", "peft>=0.10"],  # scripts/benchmark.py's reference implementation
+        # scripts/benchmark.py's references: transformers + PEFT, with bitsandbytes for the nf4 rows (llama-cpp-python,
+        # the llama.cpp rows, is left to the user: it compiles llama.cpp at install, see howto/performance.md)
+        "bench": ["transformers>=4.40", "peft>=0.10", "bitsandbytes>=0.45"],
         "all": ["huggingface_hub>=0.20", "matplotlib>=3.6", "transformers>=4.40", "peft>=0.10"],
     },
 )

@@ -183,8 +183,7 @@ def save_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     with atomic_dir(checkpoint_dir) as tmp:
         save_weights(model_state_dict(model), tmp / weights_name)
-        # Read back once (at disk speed, from the page cache): the checksum is of the bytes on disk.
-        (tmp / CHECKSUMS_NAME).write_text(f"{file_sha256(tmp / weights_name)}  {weights_name}\n")
+        write_checksums(tmp / weights_name)
         save_config(model.config, tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
@@ -195,6 +194,12 @@ def save_checkpoint(
         if special_tokens:
             (tmp / SPECIAL_TOKENS_NAME).write_text(json.dumps(list(special_tokens)) + "\n")
     return checkpoint_dir / weights_name
+
+
+def write_checksums(weights: Path) -> None:
+    """checksums.sha256 beside `weights`, in `sha256sum -c`'s format, for `verify_checkpoint`. The file
+    is read back once (at disk speed, from the page cache): the checksum is of the bytes on disk."""
+    atomic_write_text(weights.parent / CHECKSUMS_NAME, f"{file_sha256(weights)}  {weights.name}\n")
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 24) -> str:

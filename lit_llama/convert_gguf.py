@@ -41,6 +41,7 @@ from lit_llama.checkpoint import (
     atomic_path,
     atomic_write_text,
     save_config,
+    write_checksums,
     write_safetensors_streaming,
 )
 from lit_llama.convert_hf import lit_shapes
@@ -533,6 +534,7 @@ def convert_gguf(
             write_safetensors_streaming(
                 ((name, lambda t=t: t.to(out_dtype)) for name, t in stream), specs, path, metadata={"format": "pt"}
             )
+        write_checksums(tmp / WEIGHTS_NAME)
         write_metadata_files(files, config, tmp)
     return output_dir / WEIGHTS_NAME
 

@@ -29,6 +29,7 @@ from lit_llama.checkpoint import (
     open_weights,
     save_config,
     save_weights,
+    write_checksums,
     write_safetensors_streaming,
 )
 from lit_llama.cli import run
@@ -148,6 +149,7 @@ def main(
     else:
         weights_path = output_dir / "lit_model.pth"
         save_weights({name: t.to(out_dtype) for name, t in tensors}, weights_path)
+    write_checksums(weights_path)
     save_config(config, output_dir)
     tokenizer_files = [name for name in (TOKENIZER_NAME, *HF_TOKENIZER_FILES) if (checkpoint_dir / name).is_file()]
     for name in tokenizer_files:  # Llama 3 / SmolLM2 folders have a tokenizer.json and no tokenizer.model

@@ -7,6 +7,7 @@ Q4_K, Q5_K, Q6_K)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import runpy
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lit_llama.checkpoint import load_model
+from lit_llama.checkpoint import load_model, read_checksums
 from lit_llama.cli import run as cli_run
 from lit_llama.convert_gguf import config_from_gguf, convert_gguf, open_gguf, sentencepiece_model
 from lit_llama.generation import generate
@@ -99,7 +100,10 @@ def test_smol_config_from_metadata(smol_dir):
         padded_vocab_size=49152, block_size=8192, rope_base=100000.0, tie_embeddings=True, rope_scaling=None)
     assert config["norm_eps"] == pytest.approx(1e-5, rel=1e-6)
     assert sorted(p.name for p in smol_dir.iterdir()) == [
-        "generation_config.json", "lit_config.json", "lit_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "checksums.sha256", "generation_config.json", "lit_config.json", "lit_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    # The converter records the weights' sha256 for scripts/verify_checkpoint.py, as hashlib computes it.
+    weights = (smol_dir / "lit_model.safetensors").read_bytes()
+    assert read_checksums(smol_dir) == {"lit_model.safetensors": hashlib.sha256(weights).hexdigest()}
 
 
 @needs_smol
