@@ -66,9 +66,11 @@ def test_training_figures_match_the_runs(cpu_run) -> None:
             logged = [float(r["tokens_per_sec"]) for r in csv.DictReader(f) if r["tokens_per_sec"]]
         assert len(logged) == SMALL_STEPS
         assert step["tokens_per_sec"] == logged[1]  # the median of the rows after the first: one row here
-        # the "Done:" line rounds the time to 0.1 s and tokens/s to 1
-        rel = 0.05 / step["train_s"] + 1 / step["tokens_per_sec_overall"]
-        assert 0 < step["tokens_per_sec_overall"] == pytest.approx(step["tokens"] / step["train_s"], rel=rel)
+        # the "Done:" line rounds the time to 0.1 s and tokens/s to 1: compare where the rounding leaves a figure
+        assert step["tokens_per_sec_overall"] > 0
+        if step["train_s"] >= 0.5:  # the true time is within 0.05 s of the printed one
+            rel = 0.05 / (step["train_s"] - 0.05) + 1 / step["tokens_per_sec_overall"]
+            assert step["tokens_per_sec_overall"] == pytest.approx(step["tokens"] / step["train_s"], rel=rel)
     # Pretraining trains on whole blocks: steps x batch x block_size tokens exactly
     assert report["steps"]["pretrain"]["tokens"] == SMALL_STEPS * SMALL_MICRO * SMALL_BLOCK
 
@@ -79,8 +81,11 @@ def test_generation_figures_match_the_runs(cpu_run) -> None:
         step = report["steps"][name]
         assert step["peak_memory_source"] == "generate/base.py"
         assert 1 <= step["tokens"] <= SMALL_NEW_TOKENS
-        # the script rounds tokens/s to 0.1 and the time to 0.01 s
-        assert step["tokens_per_sec"] == pytest.approx(step["tokens"] / step["generate_s"], rel=0.02, abs=0.1)
+        # the script rounds tokens/s to 0.1 and the time to 0.01 s (a fast machine generates them in 0.01-0.02 s)
+        assert step["tokens_per_sec"] > 0
+        if step["generate_s"] >= 0.01:  # the true time is within 0.005 s of the printed one
+            rel = 0.005 / (step["generate_s"] - 0.005) + 0.001
+            assert step["tokens_per_sec"] == pytest.approx(step["tokens"] / step["generate_s"], rel=rel, abs=0.1)
         assert step["load_s"] >= 0
     assert "--quantize int4" in report["steps"]["generate_int4"]["command"]
 
