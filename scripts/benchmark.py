@@ -21,7 +21,7 @@ Contenders, written IMPL/VARIANT:
     generate  greedy decoding of new_tokens after a prompt_len-token prompt, batch 1 and gen_batch:
               ours/bf16 (eager, weights packed for oneDNN, as generate/base.py), ours/bf16-compiled
               (--compile), ours/fp32, ours/int8 and ours/int4 (lit_llama.weight_only, quantized at load
-              from the float checkpoint), ours/int4-gguf (int4 packed from the GGUF file's Q4_0/Q4_1
+              from the float checkpoint; -compiled: with --compile), ours/int4-gguf (int4 packed from the GGUF file's Q4_0/Q4_1
               blocks), transformers/bf16, transformers/fp32, transformers/bf16-static (its static
               cache, compiled), llama.cpp/gguf (batch 1 only: llama-cpp-python has no batched call).
 
@@ -72,6 +72,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TRAIN_VARIANTS = ("fp32", "bf16", "nf4")
 GENERATE_CONTENDERS = (
     "ours/bf16", "ours/bf16-compiled", "ours/fp32", "ours/int8", "ours/int4", "ours/int4-gguf",
+    "ours/int8-compiled", "ours/int4-compiled",
     "transformers/bf16", "transformers/fp32", "transformers/bf16-static", "llama.cpp/gguf",
 )
 DEFAULT_GENERATE = ["ours/bf16", "ours/bf16-compiled", "ours/int8", "ours/int4", "ours/int4-gguf",
@@ -94,6 +95,8 @@ COMPARISONS: list[tuple[str, str, str, str, float | None, bool]] = [
     ("generate", "B=1 tokens/s", "ours/int4", "ours/bf16", None, True),
     ("generate", "B=1 tokens/s", "ours/int4", "llama.cpp/gguf", 1.0, True),
     ("generate", "B=1 tokens/s", "ours/int4-gguf", "llama.cpp/gguf", 1.0, True),
+    ("generate", "B=1 tokens/s", "ours/int4-compiled", "llama.cpp/gguf", 1.0, True),
+    ("generate", "B=1 tokens/s", "ours/int8-compiled", "ours/bf16-compiled", 1.6, True),
     ("generate", "B=N tokens/s", "ours/bf16", "transformers/bf16", None, True),
     ("generate", "B=N tokens/s", "ours/int8", "ours/bf16", None, True),
     ("generate", "peak RSS (MiB)", "ours/bf16", "transformers/bf16", None, False),
@@ -538,7 +541,7 @@ def main(
         train_variants: LoRA training variants, each run by ours and transformers+PEFT: fp32, bf16 (bf16 base, fp32 LoRA,
             autocast), nf4 (the bf16 setup over a base quantized to NF4 by bitsandbytes).
         generate_variants: Generation contenders, IMPL/VARIANT: ours/bf16, ours/bf16-compiled, ours/fp32, ours/int8,
-            ours/int4, ours/int4-gguf, transformers/bf16, transformers/fp32, transformers/bf16-static, llama.cpp/gguf.
+            ours/int4, ours/int4-gguf, ours/int8-compiled, ours/int4-compiled, transformers/bf16, transformers/fp32, transformers/bf16-static, llama.cpp/gguf.
         batch_size: Training micro-batch size (sequences per step).
         seq_len: Training sequence length in tokens.
         steps: Timed training steps per run (after the warmup steps).
