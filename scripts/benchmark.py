@@ -269,23 +269,18 @@ def timed_lora_training(model: torch.nn.Module, loss_fn, spec: dict[str, Any]) -
 
 # --------------------------------------------------------------------------------------- generation
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
-    from lit_llama.checkpoint import load_model
     from lit_llama.decode_speedups import compile_decode_step, pack_linear_weights
     from lit_llama.generation import decode_one_token, generate
+    from lit_llama.generation_loading import load_for_generation
 
     variant = spec["variant"]
     compiled = variant.endswith("-compiled")
-    if variant == "int4-gguf":
-        from lit_llama.gguf_model import load_gguf_model
-
-        model = load_gguf_model(spec["gguf_path"], torch.bfloat16, "cpu", "int4")  # Q4_0/Q4_1 codes packed as they are
-    elif variant.startswith(("int8", "int4")):
-        from lit_llama.weight_only import quantize_for_generation
-
-        model = load_model(spec["lit_dir"], dtype=torch.bfloat16, mmap=False)
-        quantize_for_generation(model, variant[:4])
-    else:
-        model = load_model(spec["lit_dir"], dtype=DTYPES[spec["dtype"]], mmap=False)
+    kind = variant.removesuffix("-compiled")  # bf16, fp32, int8, int4 or int4-gguf
+    quantize = "none" if kind in DTYPES else kind[:4]
+    # As generate/base.py loads it: a float checkpoint read into memory for packing, quantized ones mapped and
+    # quantized layer by layer, the .gguf file's Q4_0/Q4_1 codes packed as they are.
+    source = Path(spec["gguf_path"] if kind == "int4-gguf" else spec["lit_dir"])
+    model = load_for_generation(source, DTYPES[spec["dtype"]], torch.device("cpu"), quantize, mmap=quantize != "none")
     decode_fn = compile_decode_step("cpu") if compiled else decode_one_token
     packed = variant in ("bf16", "fp32")
 
