@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from lit_llama.checkpoint import CheckpointError, check_keys, find_weights, load_config
+from lit_llama.checkpoint import check_keys, find_weights, load_config, open_weights
 from lit_llama.lora import LoRAConfig, MergedLinear, add_lora, lora_layers
 from lit_llama.model import LLaMA, LLaMAConfig
 
@@ -173,18 +174,16 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def _open_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor]]:
-    """The checkpoint's tensors as meta tensors of their shapes (for the key check), and a reader."""
+    """The checkpoint's tensors (for the key and shape check: meta tensors of a safetensors file's
+    shapes) and a reader. Opened by checkpoint.open_weights, for its checks and one-line errors; a
+    safetensors file is then read with one short-lived map per tensor instead of its file-long one."""
     path = find_weights(checkpoint_dir)
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-            return shapes, lambda name: _read_tensor(path, name)
-        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # .pth: mapped whole
-    except Exception as e:
-        raise CheckpointError(f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
-                              "the file is damaged or incomplete: download or convert it again") from None
-    return state_dict, state_dict.__getitem__
+    names, read = open_weights(path)
+    if path.suffix != ".safetensors":
+        return {name: read(name) for name in names}, read  # a mapped .pth: no tensor is read yet
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in names}
+    return shapes, partial(_read_tensor, path)
 
 
 def load_quantized_lora_model(

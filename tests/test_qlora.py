@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lit_llama.adapter import load_adapter
-from lit_llama.checkpoint import save_checkpoint
+from lit_llama.checkpoint import CheckpointError, save_checkpoint
 from lit_llama.lora import LoRAConfig, add_lora, lora_layers, mark_only_lora_as_trainable
 from lit_llama.model import LLaMA, LLaMAConfig, init_weights
-from lit_llama.qlora import FROZEN_LINEARS, quantize_frozen_base
+from lit_llama.qlora import FROZEN_LINEARS, load_quantized_lora_model, quantize_frozen_base
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,3 +201,22 @@ def test_full_finetune_has_no_quantize_flag(workdir, tmp_path):
                "--out_dir", tmp_path / "out", "--quantize", "nf4", ok=False)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "quantize" in lines[0], proc.stderr[-2000:]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_quantized_loading_refuses_damaged_and_pickled_weights_like_every_other_loader(tmp_path):
+    """load_quantized_lora_model opens the weights through checkpoint.open_weights: a truncated
+    safetensors file is named damaged, a pickle holding objects is refused as code, neither is run."""
+    save_checkpoint(LLaMA(LLaMAConfig(**TINY)), tmp_path / "base")
+    weights = tmp_path / "base" / "lit_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="the file is damaged or incomplete"):
+        load_quantized_lora_model(tmp_path / "base", LoRAConfig(r=2, alpha=4), "nf4", torch.float32)
+    weights.unlink()
+    torch.save({"transformer.wte.weight": _RunsCode()}, tmp_path / "base" / "lit_model.pth")
+    with pytest.raises(CheckpointError, match="loading it could run code"):
+        load_quantized_lora_model(tmp_path / "base", LoRAConfig(r=2, alpha=4), "nf4", torch.float32)
